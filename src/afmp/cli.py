@@ -1,0 +1,48 @@
+"""The ``afmp`` command: one console script, one module per subcommand.
+
+Each subcommand module has ``add_arguments(parser)`` and ``main(args) -> int``; it
+is imported only when that subcommand runs, so ``afmp --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("afmp.commands.models", "list the registered models"),
+    "train": ("afmp.train", "train a registered model on a data set"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="afmp", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        # Only the chosen subcommand's module is imported (and only it adds arguments).
+        if argv and argv[0] == name:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    if args.command is None:
+        build_parser([]).print_help()
+        return 2
+    from afmp.data import DataUnavailable
+
+    try:
+        return importlib.import_module(COMMANDS[args.command][0]).main(args) or 0
+    except (ValueError, FileNotFoundError, DataUnavailable) as err:
+        # Bad input is the user's to fix: say what was expected, without a traceback.
+        print(f"afmp {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Data sets by name: ``build_dataset(name, ...)`` returns a DataBundle.
+
+A bundle holds the train / val / test splits (the validation split is held out
+of the training set; the test split is never used for model selection) and the
+``model_args`` a model needs to fit the data (image size, channels, classes, or
+vocabulary size). Loaders for each family live in their own module and
+register themselves with ``@register_dataset``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch.utils.data import Dataset
+
+DATASETS: dict[str, Callable[..., DataBundle]] = {}
+
+
+@dataclass
+class DataBundle:
+    name: str
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    model_args: dict  # e.g. {"img_size": 8, "in_chans": 1, "num_classes": 10}
+    class_names: list[str] | None = None
+    mean: tuple[float, ...] | None = None  # normalisation, so images can be shown again
+    std: tuple[float, ...] | None = None
+    collate_fn: Callable | None = None
+    info: dict = field(default_factory=dict)
+
+
+class DataUnavailable(RuntimeError):
+    """The files a data set needs are not there; the message says where to put them."""
+
+
+def register_dataset(name: str):
+    def decorator(fn: Callable[..., DataBundle]):
+        if name in DATASETS:
+            raise ValueError(f"data set {name!r} is already registered")
+        DATASETS[name] = fn
+        return fn
+
+    return decorator
+
+
+def list_datasets() -> list[str]:
+    return sorted(DATASETS)
+
+
+def build_dataset(name: str, **options) -> DataBundle:
+    """Build data set ``name``; ``options`` as the loader takes (data_dir, download, val_fraction...)."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; available: {', '.join(list_datasets())}")
+    return DATASETS[name](**options)
+
+
+from afmp.data import images  # noqa: E402, F401  (registers the image data sets)

@@ -1,0 +1,44 @@
+"""Blocks shared by the image models: patch embedding and input checks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def check_image_batch(x: torch.Tensor, in_chans: int, patch_size: int) -> None:
+    """Raise a ValueError that says what was expected if ``x`` is not a usable image batch."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"expected an image batch of shape (B, {in_chans}, H, W), got {shape}")
+    if x.shape[1] != in_chans:
+        raise ValueError(
+            f"expected {in_chans} input channel(s), got {x.shape[1]} (input shape {tuple(x.shape)})"
+        )
+    h, w = x.shape[-2:]
+    if h % patch_size or w % patch_size or h == 0 or w == 0:
+        raise ValueError(f"expected height and width divisible by the patch size {patch_size}, got {h}x{w}")
+    # A data-dependent check: skipped while compiling so that it causes no graph break.
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+        raise ValueError("expected finite input; the batch contains NaN or infinity")
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches, each mapped linearly to ``dim`` (a strided conv)."""
+
+    def __init__(self, *, in_chans: int, dim: int, patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        x = self.proj(x)  # (B, D, gh, gw)
+        grid = (x.shape[-2], x.shape[-1])
+        return x.flatten(2).transpose(1, 2), grid
+
+
+def grid_centres(height: int, width: int, device=None) -> torch.Tensor:
+    """Patch centres of a height x width token grid, normalised to [0, 1], row-major (N, 2)."""
+    rows = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
+    cols = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
+    return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), -1).reshape(-1, 2)

@@ -1,0 +1,3 @@
+"""Model families; importing this package registers every preset."""
+
+from afmp.models import afmp  # noqa: F401

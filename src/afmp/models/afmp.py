@@ -1,0 +1,243 @@
+"""AFMP: Attention-Free Modular Perception, with the semantics of docs/afmp-design.md.
+
+Tokens exchange messages over a static scaffold (padded neighbour lists), through
+gates computed by a predictive router; a Perceptual Capsule Unit (PCU) updates
+each token; a top-down pass refines the states and the readout consumes them.
+
+Per-token formulation: every linear map acts on one endpoint of an edge, so one
+wide GEMM per layer computes ``[W_self | W_msg | W_q | W_k | A | B] h`` for each
+token, and the per-edge stage (afmp.ops) only gathers and does elementwise work.
+
+Letters: B batch, N tokens, K neighbour slots, D d_model, R k_dim, F score_hidden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from afmp import scaffold as scaffolds
+from afmp.layers import PatchEmbed, check_image_batch, grid_centres
+from afmp.ops import edge_backend_names, select_edge_backend
+from afmp.ops.edge import topk_keep
+from afmp.registry import register_model
+
+
+class RouterPCULayer(nn.Module):
+    """One AFMP layer: predictive router (scores, per-image top-k, gates) and PCU update."""
+
+    def __init__(self, *, d_model: int, k_dim: int, score_hidden: int, sparsity: float):
+        super().__init__()
+        self.sparsity = sparsity
+        self.split = (d_model, d_model, k_dim, k_dim, score_hidden, score_hidden)
+        # [W_self | W_msg | W_q | W_k | A | B]: A and B are v's first layer on h_i and h_j.
+        self.proj = nn.Linear(d_model, sum(self.split))
+        self.U = nn.Parameter(torch.randn(k_dim, k_dim) * 0.02)
+        self.pred = nn.Linear(d_model, d_model)  # W_pred, applied to the predictive signal t_i
+        # v's first-layer weights on the two scalar edge features, initialised as nn.Linear
+        # would for its fan-in of 2D + 2.
+        bound = (2 * d_model + 2) ** -0.5
+        self.w_err = nn.Parameter(torch.empty(score_hidden).uniform_(-bound, bound))
+        self.w_len = nn.Parameter(torch.empty(score_hidden).uniform_(-bound, bound))
+        self.score_out = nn.Linear(score_hidden, 1)  # v's second layer
+        self.gate = nn.Linear(1, d_model)  # g = sigmoid(w_g * s + b_g)
+
+    def forward(self, h, t, graph, backend):
+        nbr, mask, length, num_edges = graph
+        h_self, m, q, k, a, b = self.proj(h).split(self.split, dim=-1)
+        p = self.pred(t) if t is not None else None
+        s = backend.edge_scores(
+            q @ self.U,
+            k,
+            a,
+            b,
+            h,
+            p,
+            self.w_err,
+            self.w_len,
+            self.score_out.weight[0],
+            self.score_out.bias[0],
+            nbr,
+            length,
+        )
+        keep = topk_keep(s, mask, num_edges, self.sparsity)
+        agg, gate_mean = backend.gated_aggregate(s, keep, m, self.gate.weight[:, 0], self.gate.bias, nbr)
+        return F.gelu(h_self + agg), gate_mean
+
+
+class AFMP(nn.Module):
+    @dataclass
+    class Config:
+        img_size: int = 32
+        patch_size: int = 8
+        in_chans: int = 3
+        num_classes: int = 100
+        num_layers: int = 4
+        d_model: int = 128
+        k_dim: int = 64  # rank of the router's bilinear term
+        score_hidden: int = 64  # hidden width of the score MLP v
+        sparsity: float = 0.3  # fraction of each image's edges pruned; 0 = dense
+        lambda_sparse: float = 1e-4
+        use_top_down: bool = True
+        scaffold: str = "delaunay"
+        backend: str = "auto"  # per-edge stage: see afmp.ops
+
+        def __post_init__(self):
+            for name in (
+                "img_size",
+                "patch_size",
+                "in_chans",
+                "num_classes",
+                "num_layers",
+                "d_model",
+                "k_dim",
+                "score_hidden",
+            ):
+                value = getattr(self, name)
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if self.img_size % self.patch_size:
+                raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+            if not 0.0 <= self.sparsity < 1.0:
+                raise ValueError(f"sparsity is the fraction of edges pruned, in [0, 1); got {self.sparsity}")
+            if self.lambda_sparse < 0:
+                raise ValueError(f"lambda_sparse must be >= 0, got {self.lambda_sparse}")
+            if self.scaffold not in scaffolds.LAYOUTS:
+                raise ValueError(
+                    f"scaffold must be one of {', '.join(scaffolds.LAYOUTS)}, got {self.scaffold!r}"
+                )
+            if self.backend not in edge_backend_names():
+                raise ValueError(
+                    f"backend must be one of {', '.join(edge_backend_names())}, got {self.backend!r}"
+                )
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.num_features = cfg.d_model
+        self.num_classes = cfg.num_classes
+        self.patch_embed = PatchEmbed(in_chans=cfg.in_chans, dim=cfg.d_model, patch_size=cfg.patch_size)
+        self.pos_embed = nn.Linear(2, cfg.d_model)  # embeds the normalised patch centre
+        self.layers = nn.ModuleList(
+            RouterPCULayer(
+                d_model=cfg.d_model, k_dim=cfg.k_dim, score_hidden=cfg.score_hidden, sparsity=cfg.sparsity
+            )
+            for _ in range(cfg.num_layers)
+        )
+        # Level l is refined by level l+1: s_l <- s_l + W_t (s_{l+1}) (levels share one token grid).
+        self.top_down = nn.ModuleList(nn.Linear(cfg.d_model, cfg.d_model) for _ in range(cfg.num_layers - 1))
+        self.head = nn.Linear(cfg.d_model, cfg.num_classes)
+        # The default grid's scaffold lives in non-persistent buffers (they follow .to(device)
+        # and stay out of the state dict, so the same weights load at any resolution).
+        grid = cfg.img_size // cfg.patch_size
+        self._default_grid = (grid, grid)
+        sc = scaffolds.build(cfg.scaffold, grid, grid)
+        self.register_buffer("neighbors", sc.neighbors, persistent=False)
+        self.register_buffer("edge_mask", sc.mask, persistent=False)
+        self.register_buffer("edge_length", sc.length, persistent=False)
+        self._num_edges = sc.num_edges
+        self._other_grids: dict = {}
+
+    # -- scaffold and backend ------------------------------------------------------------
+    def _graph(self, grid: tuple[int, int], device: torch.device):
+        if grid == self._default_grid:
+            return self.neighbors, self.edge_mask, self.edge_length, self._num_edges
+        key = (grid, str(device))
+        if key not in self._other_grids:
+            sc = scaffolds.build(self.cfg.scaffold, *grid).to(device)
+            self._other_grids[key] = (sc.neighbors, sc.mask, sc.length, sc.num_edges)
+        return self._other_grids[key]
+
+    # -- forward -------------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor, return_aux: bool = False):
+        """States the readout pools, (B, N, D); with ``return_aux`` also the aux dict."""
+        check_image_batch(x, self.cfg.in_chans, self.cfg.patch_size)
+        tokens, grid = self.patch_embed(x)
+        graph = self._graph(grid, x.device)
+        backend = select_edge_backend(self.cfg.backend, x.device)
+        h = tokens + self.pos_embed(grid_centres(*grid, device=x.device).to(tokens.dtype))
+
+        # Bottom-up: layer l reads H = output of layer l-1 and the predictive signal
+        # T = output of layer l-2 (the embedding counts as output 0; the first layer has none).
+        states, gate_means = [h], []
+        for layer in self.layers:
+            t = states[-2] if len(states) >= 2 else None
+            h, gate_mean = layer(states[-1], t, graph, backend)
+            states.append(h)
+            gate_means.append(gate_mean)
+        levels = states[1:]
+
+        # Top-down: from the top level down; the readout then consumes the bottom level,
+        # which every higher level has refined. Without it, the readout takes the top level.
+        if self.cfg.use_top_down:
+            for l in range(len(levels) - 2, -1, -1):
+                levels[l] = levels[l] + self.top_down[l](levels[l + 1])
+            out = levels[0]
+        else:
+            out = levels[-1]
+        if not return_aux:
+            return out
+        num_edges = graph[3]
+        mean_gate = torch.stack([g.sum() for g in gate_means]).mean() / (x.shape[0] * max(num_edges, 1))
+        aux = {
+            "sparsity_loss": self.cfg.lambda_sparse * mean_gate,
+            "gates": gate_means,
+            "states": levels,
+            "grid": grid,
+        }
+        return out, aux
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        pooled = features.mean(1)
+        return pooled if pre_logits else self.head(pooled)
+
+    def forward(self, x: torch.Tensor, return_aux: bool = False):
+        if return_aux:
+            features, aux = self.forward_features(x, return_aux=True)
+            return self.forward_head(features), aux
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = self.cfg.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
+register_model(
+    "afmp_tiny",
+    AFMP,
+    img_size=32,
+    patch_size=8,
+    num_layers=4,
+    d_model=128,
+    sparsity=0.3,
+    lambda_sparse=1e-4,
+    num_classes=100,
+)
+register_model(
+    "afmp_small",
+    AFMP,
+    img_size=224,
+    patch_size=16,
+    num_layers=5,
+    d_model=512,
+    sparsity=0.3,
+    lambda_sparse=1e-4,
+    num_classes=100,
+)
+register_model(
+    "afmp_tiny_dense",
+    AFMP,
+    img_size=32,
+    patch_size=8,
+    num_layers=4,
+    d_model=128,
+    sparsity=0.0,
+    lambda_sparse=0.0,
+    num_classes=100,
+)

@@ -1,0 +1,73 @@
+"""AFMP's per-edge stage, in plain PyTorch (the reference every fast backend is tested against).
+
+Letters: B batch, N tokens, K neighbour slots, D channels, R router rank (k_dim),
+F hidden width of the score MLP v. ``nbr`` is a scaffold's (N, K) neighbour list.
+
+Everything linear was already applied per token (see models/afmp.py), so per edge
+i <- j only gathers and does O(R + F + D) elementwise work:
+
+    e_ij = |h_j - p_i|                                   (0 when there is no p)
+    s_ij = q_i . k_j + w2 . relu(a_i + b_j + c e_ij + d len_ij) + b2
+    g_ij = sigmoid(w_g s_ij + b_g) * keep_ij             (a D-vector)
+    out_i = sum_j g_ij * m_j,  gate_mean_ij = mean_D g_ij
+
+This eager version materialises (B, N, K, D) tensors; that is what fused kernels avoid.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def edge_scores(
+    q: torch.Tensor,  # (B, N, R)
+    k: torch.Tensor,  # (B, N, R)
+    a: torch.Tensor,  # (B, N, F)  i-side of v's first layer, bias included
+    b: torch.Tensor,  # (B, N, F)  j-side of v's first layer
+    h: torch.Tensor,  # (B, N, D)  states, for the prediction error
+    p: torch.Tensor | None,  # (B, N, D)  predictions W_pred t_i, or None on the first layer
+    w_err: torch.Tensor,  # (F,)
+    w_len: torch.Tensor,  # (F,)
+    w_out: torch.Tensor,  # (F,)
+    b_out: torch.Tensor,  # ()
+    nbr: torch.Tensor,  # (N, K) long
+    length: torch.Tensor,  # (N, K)
+) -> torch.Tensor:
+    """Routing scores s (B, N, K); padding slots get a finite but meaningless score."""
+    bilinear = (q.unsqueeze(2) * k[:, nbr]).sum(-1)
+    hidden = a.unsqueeze(2) + b[:, nbr] + length.unsqueeze(-1).to(a.dtype) * w_len
+    if p is not None:
+        err = torch.linalg.vector_norm(h[:, nbr] - p.unsqueeze(2), dim=-1)
+        hidden = hidden + err.unsqueeze(-1) * w_err
+    return bilinear + F.relu(hidden) @ w_out + b_out
+
+
+def gated_aggregate(
+    s: torch.Tensor,  # (B, N, K) scores
+    keep: torch.Tensor,  # (B, N, K) bool: a real edge that survived pruning
+    m: torch.Tensor,  # (B, N, D) messages W_msg h_j
+    w_g: torch.Tensor,  # (D,)
+    b_g: torch.Tensor,  # (D,)
+    nbr: torch.Tensor,  # (N, K)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_j g_ij * m_j  (B, N, D),  mean_D g_ij  (B, N, K), exactly 0 where not kept)."""
+    gates = torch.sigmoid(s.unsqueeze(-1) * w_g + b_g) * keep.unsqueeze(-1).to(s.dtype)
+    out = (gates * m[:, nbr]).sum(2)
+    return out, gates.mean(-1)
+
+
+def topk_keep(s: torch.Tensor, mask: torch.Tensor, num_edges: int, sparsity: float) -> torch.Tensor:
+    """Per image, keep the highest-scoring ``1 - sparsity`` of the ``num_edges`` valid edges.
+
+    Exactly ``num_edges - round(sparsity * num_edges)`` edges survive in every image;
+    the threshold is never shared across the batch. ``num_edges`` is a Python int
+    (``mask.sum()``, known when the scaffold is built) so compilation sees a constant.
+    """
+    if sparsity <= 0:
+        return mask.expand_as(s)
+    n_keep = num_edges - round(sparsity * num_edges)
+    flat = s.detach().masked_fill(~mask, float("-inf")).flatten(1)
+    idx = flat.topk(n_keep, dim=1, sorted=False).indices
+    keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, idx, True)
+    return keep.view_as(s)

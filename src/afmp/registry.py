@@ -1,0 +1,104 @@
+"""One registry and one factory for every model family.
+
+A model family is an ``nn.Module`` subclass with a nested ``Config`` dataclass and a
+constructor ``Model(cfg)``. A preset is a name plus the config fields it sets::
+
+    register_model("afmp_tiny", AFMP, num_layers=4, d_model=128, patch_size=8)
+
+``create_model(name, **overrides)`` builds ``Config(**{**preset, **overrides})``,
+so every config field is an override and an unknown one is an error that lists
+the valid ones. Each preset is also registered in timm's registry, so that
+``timm.create_model("afmp_tiny")`` works once ``afmp`` is imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+
+from torch import nn
+
+_MODELS: dict[str, tuple[type[nn.Module], dict]] = {}
+
+# Keyword arguments timm.create_model adds on its own; they mean nothing to our models.
+_TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def register_model(name: str, model_cls: type[nn.Module], **preset) -> None:
+    """Register preset ``name`` of ``model_cls`` (its ``Config`` fields in ``preset``)."""
+    if name in _MODELS:
+        raise ValueError(f"model {name!r} is already registered")
+    config_fields(model_cls)  # fails early if the family has no Config dataclass
+    _check_keys(name, model_cls, preset)
+    _MODELS[name] = (model_cls, dict(preset))
+    _register_with_timm(name)
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Registered model names, sorted; ``pattern`` is a substring filter."""
+    names = sorted(_MODELS)
+    return [n for n in names if pattern is None or pattern in n]
+
+
+def model_entry(name: str) -> tuple[type[nn.Module], dict]:
+    """(model class, preset dict) of a registered name."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
+    model_cls, preset = _MODELS[name]
+    return model_cls, dict(preset)
+
+
+def config_fields(model_cls: type[nn.Module]) -> list[str]:
+    cfg_cls = getattr(model_cls, "Config", None)
+    if cfg_cls is None or not dataclasses.is_dataclass(cfg_cls):
+        raise TypeError(f"{model_cls.__name__} needs a nested dataclass named Config")
+    return [f.name for f in dataclasses.fields(cfg_cls)]
+
+
+def resolve_config(name: str, **overrides):
+    """The full Config a ``create_model(name, **overrides)`` call would use."""
+    model_cls, preset = model_entry(name)
+    _check_keys(name, model_cls, overrides)
+    return model_cls.Config(**{**preset, **overrides})
+
+
+def create_model(name: str, **overrides) -> nn.Module:
+    """Build registered model ``name``; ``overrides`` are fields of its Config."""
+    model_cls, _ = model_entry(name)
+    model = model_cls(resolve_config(name, **overrides))
+    model.model_name = name
+    return model
+
+
+def _check_keys(name: str, model_cls: type[nn.Module], kwargs: dict) -> None:
+    valid = config_fields(model_cls)
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(unknown)} for model {name!r}; valid options: {', '.join(valid)}"
+        )
+
+
+def _register_with_timm(name: str) -> None:
+    """Expose ``name`` through timm.create_model (timm keys models by function name)."""
+    try:
+        from timm.models import register_model as timm_register
+    except ImportError:  # timm is a dependency, but the registry itself does not need it
+        return
+
+    def entrypoint(pretrained: bool = False, **kwargs):
+        if pretrained:
+            raise ValueError(f"no pretrained weights are published for {name!r}; use pretrained=False")
+        for key in _TIMM_ONLY_KWARGS:
+            kwargs.pop(key, None)
+        return create_model(name, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    # timm files each entrypoint under its module's name; give ours a module of their own.
+    module_name = "afmp.timm_models"
+    if module_name not in sys.modules:
+        sys.modules[module_name] = types.ModuleType(module_name)
+    entrypoint.__module__ = module_name
+    setattr(sys.modules[module_name], name, entrypoint)
+    timm_register(entrypoint)
