@@ -29,26 +29,27 @@ from afmp.registry import register_model
 class RouterPCULayer(nn.Module):
     """One AFMP layer: predictive router (scores, per-image top-k, gates) and PCU update."""
 
-    def __init__(self, *, d_model: int, k_dim: int, score_hidden: int, sparsity: float):
+    def __init__(self, *, d_model: int, k_dim: int, score_hidden: int, sparsity: float, predictive: bool):
         super().__init__()
         self.sparsity = sparsity
         self.split = (d_model, d_model, k_dim, k_dim, score_hidden, score_hidden)
         # [W_self | W_msg | W_q | W_k | A | B]: A and B are v's first layer on h_i and h_j.
         self.proj = nn.Linear(d_model, sum(self.split))
         self.U = nn.Parameter(torch.randn(k_dim, k_dim) * 0.02)
-        self.pred = nn.Linear(d_model, d_model)  # W_pred, applied to the predictive signal t_i
         # v's first-layer weights on the two scalar edge features, initialised as nn.Linear
         # would for its fan-in of 2D + 2.
         bound = (2 * d_model + 2) ** -0.5
-        self.w_err = nn.Parameter(torch.empty(score_hidden).uniform_(-bound, bound))
         self.w_len = nn.Parameter(torch.empty(score_hidden).uniform_(-bound, bound))
+        # The first layer has no predictive signal (its error is 0), so no W_pred either.
+        self.pred = nn.Linear(d_model, d_model) if predictive else None  # W_pred, on t_i
+        self.w_err = nn.Parameter(torch.empty(score_hidden).uniform_(-bound, bound)) if predictive else None
         self.score_out = nn.Linear(score_hidden, 1)  # v's second layer
         self.gate = nn.Linear(1, d_model)  # g = sigmoid(w_g * s + b_g)
 
     def forward(self, h, t, graph, backend):
-        nbr, mask, length, num_edges = graph
+        nbr, mask, length, num_edges, reverse = graph
         h_self, m, q, k, a, b = self.proj(h).split(self.split, dim=-1)
-        p = self.pred(t) if t is not None else None
+        p = self.pred(t) if self.pred is not None else None
         s = backend.edge_scores(
             q @ self.U,
             k,
@@ -62,9 +63,12 @@ class RouterPCULayer(nn.Module):
             self.score_out.bias[0],
             nbr,
             length,
+            reverse=reverse,
         )
         keep = topk_keep(s, mask, num_edges, self.sparsity)
-        agg, gate_mean = backend.gated_aggregate(s, keep, m, self.gate.weight[:, 0], self.gate.bias, nbr)
+        agg, gate_mean = backend.gated_aggregate(
+            s, keep, m, self.gate.weight[:, 0], self.gate.bias, nbr, reverse=reverse
+        )
         return F.gelu(h_self + agg), gate_mean
 
 
@@ -82,6 +86,7 @@ class AFMP(nn.Module):
         sparsity: float = 0.3  # fraction of each image's edges pruned; 0 = dense
         lambda_sparse: float = 1e-4
         use_top_down: bool = True
+        readout_norm: bool = True  # LayerNorm on the pooled state before the linear head
         scaffold: str = "delaunay"
         backend: str = "auto"  # per-edge stage: see afmp.ops
 
@@ -123,12 +128,18 @@ class AFMP(nn.Module):
         self.pos_embed = nn.Linear(2, cfg.d_model)  # embeds the normalised patch centre
         self.layers = nn.ModuleList(
             RouterPCULayer(
-                d_model=cfg.d_model, k_dim=cfg.k_dim, score_hidden=cfg.score_hidden, sparsity=cfg.sparsity
+                d_model=cfg.d_model,
+                k_dim=cfg.k_dim,
+                score_hidden=cfg.score_hidden,
+                sparsity=cfg.sparsity,
+                predictive=l > 0,  # layer 1 has no output of layer l-2 to predict from
             )
-            for _ in range(cfg.num_layers)
+            for l in range(cfg.num_layers)
         )
         # Level l is refined by level l+1: s_l <- s_l + W_t (s_{l+1}) (levels share one token grid).
-        self.top_down = nn.ModuleList(nn.Linear(cfg.d_model, cfg.d_model) for _ in range(cfg.num_layers - 1))
+        n_top_down = cfg.num_layers - 1 if cfg.use_top_down else 0
+        self.top_down = nn.ModuleList(nn.Linear(cfg.d_model, cfg.d_model) for _ in range(n_top_down))
+        self.norm = nn.LayerNorm(cfg.d_model) if cfg.readout_norm else nn.Identity()
         self.head = nn.Linear(cfg.d_model, cfg.num_classes)
         # The default grid's scaffold lives in non-persistent buffers (they follow .to(device)
         # and stay out of the state dict, so the same weights load at any resolution).
@@ -138,17 +149,18 @@ class AFMP(nn.Module):
         self.register_buffer("neighbors", sc.neighbors, persistent=False)
         self.register_buffer("edge_mask", sc.mask, persistent=False)
         self.register_buffer("edge_length", sc.length, persistent=False)
+        self.register_buffer("edge_reverse", sc.reverse, persistent=False)  # kernels' backward
         self._num_edges = sc.num_edges
         self._other_grids: dict = {}
 
     # -- scaffold and backend ------------------------------------------------------------
     def _graph(self, grid: tuple[int, int], device: torch.device):
         if grid == self._default_grid:
-            return self.neighbors, self.edge_mask, self.edge_length, self._num_edges
+            return self.neighbors, self.edge_mask, self.edge_length, self._num_edges, self.edge_reverse
         key = (grid, str(device))
         if key not in self._other_grids:
             sc = scaffolds.build(self.cfg.scaffold, *grid).to(device)
-            self._other_grids[key] = (sc.neighbors, sc.mask, sc.length, sc.num_edges)
+            self._other_grids[key] = (sc.neighbors, sc.mask, sc.length, sc.num_edges, sc.reverse)
         return self._other_grids[key]
 
     # -- forward -------------------------------------------------------------------------
@@ -164,8 +176,7 @@ class AFMP(nn.Module):
         # T = output of layer l-2 (the embedding counts as output 0; the first layer has none).
         states, gate_means = [h], []
         for layer in self.layers:
-            t = states[-2] if len(states) >= 2 else None
-            h, gate_mean = layer(states[-1], t, graph, backend)
+            h, gate_mean = layer(states[-1], states[-2] if len(states) >= 2 else None, graph, backend)
             states.append(h)
             gate_means.append(gate_mean)
         levels = states[1:]
@@ -191,7 +202,7 @@ class AFMP(nn.Module):
         return out, aux
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        pooled = features.mean(1)
+        pooled = self.norm(features.mean(1))
         return pooled if pre_logits else self.head(pooled)
 
     def forward(self, x: torch.Tensor, return_aux: bool = False):
@@ -199,6 +210,11 @@ class AFMP(nn.Module):
             features, aux = self.forward_features(x, return_aux=True)
             return self.forward_head(features), aux
         return self.forward_head(self.forward_features(x))
+
+    def example_input(self, batch_size: int = 2, size: int | None = None) -> torch.Tensor:
+        """A random input batch of the shape this model takes (``size``: image side)."""
+        size = size or self.cfg.img_size
+        return torch.randn(batch_size, self.cfg.in_chans, size, size, device=self.head.weight.device)
 
     def get_classifier(self) -> nn.Module:
         return self.head

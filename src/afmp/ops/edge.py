@@ -27,12 +27,13 @@ def edge_scores(
     b: torch.Tensor,  # (B, N, F)  j-side of v's first layer
     h: torch.Tensor,  # (B, N, D)  states, for the prediction error
     p: torch.Tensor | None,  # (B, N, D)  predictions W_pred t_i, or None on the first layer
-    w_err: torch.Tensor,  # (F,)
+    w_err: torch.Tensor | None,  # (F,), None exactly when p is None
     w_len: torch.Tensor,  # (F,)
     w_out: torch.Tensor,  # (F,)
     b_out: torch.Tensor,  # ()
     nbr: torch.Tensor,  # (N, K) long
     length: torch.Tensor,  # (N, K)
+    reverse: torch.Tensor | None = None,  # (N, K) scaffold's reverse slots: unused here (kernels' backward)
 ) -> torch.Tensor:
     """Routing scores s (B, N, K); padding slots get a finite but meaningless score."""
     bilinear = (q.unsqueeze(2) * k[:, nbr]).sum(-1)
@@ -50,6 +51,7 @@ def gated_aggregate(
     w_g: torch.Tensor,  # (D,)
     b_g: torch.Tensor,  # (D,)
     nbr: torch.Tensor,  # (N, K)
+    reverse: torch.Tensor | None = None,  # as for edge_scores: unused here
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum_j g_ij * m_j  (B, N, D),  mean_D g_ij  (B, N, K), exactly 0 where not kept)."""
     gates = torch.sigmoid(s.unsqueeze(-1) * w_g + b_g) * keep.unsqueeze(-1).to(s.dtype)

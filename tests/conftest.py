@@ -1,0 +1,15 @@
+"""Test set-up shared by every test file.
+
+Triton kernels are checked on the CPU through Triton's interpreter, which must be
+switched on before any kernel is defined, so before afmp is imported. On a machine
+with a GPU the kernels compile for real instead.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+torch.set_num_threads(min(2, torch.get_num_threads()))

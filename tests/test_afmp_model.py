@@ -1,0 +1,193 @@
+"""AFMP's semantics (docs/afmp-design.md §1) and the per-token formulation (§2)."""
+
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import afmp
+from afmp import scaffold
+from afmp.ops import select_edge_backend
+
+
+def per_edge_layer(layer, h, t, sc, sparsity):
+    """One AFMP layer written edge by edge from the design's formulas, with the layer's weights."""
+    D, Fh = layer.split[0], layer.split[4]
+    W, bias = layer.proj.weight, layer.proj.bias
+    W_self, W_msg, W_q, W_k, A, Bm = W.split(layer.split)
+    b_self, b_msg, b_q, b_k, b_a, b_b = bias.split(layer.split)
+    # v's first layer on [h_i, h_j, e_ij, len_ij] (its bias is the sum of the two halves').
+    w_err = layer.w_err if layer.w_err is not None else torch.zeros(Fh, dtype=h.dtype)
+    V1 = torch.cat([A, Bm, w_err[:, None], layer.w_len[:, None]], 1)
+    b1 = b_a + b_b
+    edges = [(i, int(j)) for i in range(sc.num_tokens) for j, ok in zip(sc.neighbors[i], sc.mask[i]) if ok]
+    out = torch.empty_like(h)
+    gate_means = []
+    for b in range(h.shape[0]):
+        scores = []
+        for i, j in edges:
+            hi, hj = h[b, i], h[b, j]
+            e = torch.linalg.vector_norm(hj - layer.pred(t[b, i])) if t is not None else h.new_zeros(())
+            bil = (W_q @ hi + b_q) @ layer.U @ (W_k @ hj + b_k)
+            # The scaffold stores lengths in float32 (grid units).
+            length = torch.tensor([math.dist(*map(tuple, pos[[i, j]]))], dtype=torch.float32).to(h.dtype)
+            feat = torch.cat([hi, hj, e[None], length])
+            scores.append(bil + layer.score_out(F.relu(V1 @ feat + b1))[0])
+        scores = torch.stack(scores)
+        n_keep = len(edges) - round(sparsity * len(edges))
+        keep = torch.zeros(len(edges), dtype=torch.bool)
+        keep[scores.topk(n_keep).indices] = True
+        agg = torch.zeros(h.shape[1], D, dtype=h.dtype)
+        gm = {}
+        for (i, j), s, k in zip(edges, scores, keep):
+            g = torch.sigmoid(layer.gate.weight[:, 0] * s + layer.gate.bias) * k
+            agg[i] += g * (W_msg @ h[b, j] + b_msg)
+            gm[(i, j)] = g.mean()
+        out[b] = F.gelu(h[b] @ W_self.T + b_self + agg)
+        gate_means.append(gm)
+    return out, gate_means
+
+
+pos = torch.tensor(scaffold.grid_positions(3, 4))
+
+
+@pytest.mark.parametrize("with_prediction", [False, True])
+@pytest.mark.parametrize("sparsity", [0.0, 0.3])
+def test_per_token_formulation_equals_per_edge_computation(with_prediction, sparsity):
+    torch.manual_seed(0)
+    model = afmp.create_model("afmp_tiny", img_size=12, patch_size=3, d_model=16, k_dim=8, score_hidden=8,
+                              sparsity=sparsity).double()
+    layer = model.layers[1 if with_prediction else 0]
+    sc = scaffold.delaunay_grid(3, 4)
+    h = torch.randn(2, 12, 16, dtype=torch.float64)
+    t = torch.randn(2, 12, 16, dtype=torch.float64) if with_prediction else None
+    graph = (sc.neighbors, sc.mask, sc.length.double(), sc.num_edges)
+    with torch.no_grad():
+        out, gate_mean = layer(h, t, graph, select_edge_backend("reference", "cpu"))
+        expected, expected_gates = per_edge_layer(layer, h, t, sc, sparsity)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    for b in range(2):
+        for i in range(sc.num_tokens):
+            for k in range(sc.max_degree):
+                if sc.mask[i, k]:
+                    ref = expected_gates[b][(i, int(sc.neighbors[i, k]))]
+                    assert gate_mean[b, i, k].item() == pytest.approx(ref.item(), abs=1e-12)
+                else:
+                    assert gate_mean[b, i, k].item() == 0.0
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3])
+def test_batch_independence_in_eval_mode(sparsity):
+    torch.manual_seed(0)
+    model = afmp.create_model("afmp_tiny", num_classes=5, sparsity=sparsity).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        together = model(x)
+        alone = torch.cat([model(x[i : i + 1]) for i in range(4)])
+        reordered = model(x.flip(0)).flip(0)
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(together, reordered, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sparsity", [0.2, 0.3, 0.6])
+def test_exactly_rho_of_each_images_edges_are_pruned(sparsity):
+    torch.manual_seed(0)
+    model = afmp.create_model("afmp_tiny", img_size=48, sparsity=sparsity)  # 6x6 tokens
+    _, aux = model(torch.randn(3, 3, 48, 48), return_aux=True)
+    mask = model.edge_mask
+    num_edges = int(mask.sum())
+    for gates in aux["gates"]:
+        assert gates.shape == (3, 36, mask.shape[1])
+        assert bool((gates[:, ~mask] == 0).all())  # padding slots carry nothing
+        for b in range(3):
+            pruned = int((gates[b][mask] == 0).sum())
+            assert abs(pruned - sparsity * num_edges) <= 1
+            assert bool((gates[b][mask][gates[b][mask] != 0] > 0).all())
+
+
+def test_dense_variant_keeps_every_edge_and_has_no_regulariser():
+    model = afmp.create_model("afmp_tiny_dense")
+    _, aux = model(torch.randn(2, 3, 32, 32), return_aux=True)
+    assert all(bool((g[:, model.edge_mask] > 0).all()) for g in aux["gates"])
+    assert aux["sparsity_loss"].item() == 0.0
+
+
+def test_sparsity_loss_is_lambda_times_mean_gate():
+    model = afmp.create_model("afmp_tiny", lambda_sparse=0.5)
+    _, aux = model(torch.randn(2, 3, 32, 32), return_aux=True)
+    valid = model.edge_mask
+    mean_gate = torch.stack([g[:, valid].mean() for g in aux["gates"]]).mean()
+    assert aux["sparsity_loss"].item() == pytest.approx(0.5 * mean_gate.item(), rel=1e-5)
+
+
+def test_top_down_changes_the_logits_and_learns():
+    torch.manual_seed(0)
+    with_td = afmp.create_model("afmp_tiny", num_classes=4).eval()
+    without = afmp.create_model("afmp_tiny", num_classes=4, use_top_down=False).eval()
+    missing, unexpected = without.load_state_dict(with_td.state_dict(), strict=False)
+    assert not missing and all(k.startswith("top_down.") for k in unexpected)
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(with_td(x), without(x), atol=1e-4)
+    with_td.train()
+    logits, aux = with_td(x, return_aux=True)
+    (logits.square().sum() + aux["sparsity_loss"]).backward()
+    for name, p in with_td.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_the_same_weights_run_at_another_resolution():
+    model = afmp.create_model("afmp_tiny", num_classes=10)
+    bigger = afmp.create_model("afmp_tiny", num_classes=10, img_size=64)
+    bigger.load_state_dict(model.state_dict())  # strict: no resolution-dependent weights
+    assert bigger(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+    assert model(torch.randn(2, 3, 48, 40)).shape == (2, 10)  # other grids are built on the fly
+
+
+@pytest.mark.parametrize(
+    ("x", "message"),
+    [
+        (torch.randn(2, 1, 32, 32), "expected 3 input channel"),
+        (torch.randn(2, 3, 30, 32), "divisible by the patch size 8"),
+        (torch.full((2, 3, 32, 32), float("nan")), "finite"),
+        (torch.randn(3, 32, 32), r"shape \(B, 3, H, W\)"),
+    ],
+)
+def test_bad_inputs_raise_a_clear_value_error(x, message):
+    with pytest.raises(ValueError, match=message):
+        afmp.create_model("afmp_tiny")(x)
+
+
+def test_unknown_names_and_options_list_the_valid_ones():
+    with pytest.raises(ValueError, match="registered models: .*afmp_tiny"):
+        afmp.create_model("afmp_huge")
+    with pytest.raises(ValueError, match="valid options: .*sparsity"):
+        afmp.create_model("afmp_tiny", sparsty=0.3)
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        afmp.create_model("afmp_tiny", sparsity=1.5)
+
+
+def test_presets_and_timm_registry():
+    tiny = afmp.create_model("afmp_tiny")
+    assert (tiny.cfg.num_layers, tiny.cfg.d_model, tiny.cfg.patch_size, tiny.cfg.img_size) == (4, 128, 8, 32)
+    assert (tiny.cfg.sparsity, tiny.cfg.lambda_sparse) == (0.3, 1e-4)
+    small = afmp.create_model("afmp_small")
+    assert (small.cfg.num_layers, small.cfg.d_model, small.cfg.patch_size, small.cfg.img_size) == (
+        5,
+        512,
+        16,
+        224,
+    )
+    assert 5.5e6 < sum(p.numel() for p in small.parameters()) < 6.5e6  # the notebook's ~6.1M
+    model = timm.create_model("afmp_tiny", num_classes=7)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        timm.create_model("afmp_tiny", pretrained=True)
+
+
+def test_forward_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    model = afmp.create_model("afmp_tiny", num_classes=10).eval()
+    explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 32, 32))
+    assert explanation.graph_break_count == 0, explanation.break_reasons

@@ -1,0 +1,73 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import afmp
+from afmp import cli
+from afmp.train import TrainConfig, model_args_for_data, train
+
+TINY = dict(dataset="synthetic", data_opts={"num_samples": 96, "img_size": 16}, batch_size=16, lr=3e-3)
+
+
+def test_train_writes_results_weights_and_config(tmp_path):
+    results = train(TrainConfig(model="afmp_tiny", epochs=2, out=str(tmp_path), **TINY))
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["test_accuracy"] == results["test_accuracy"]
+    for key in ("model", "dataset", "config", "params", "best_val_accuracy", "test_accuracy", "peak_memory_mb",
+                "training_history"):
+        assert key in on_disk
+    history = on_disk["training_history"]
+    assert set(history) == {"train_loss", "train_acc", "val_acc", "sparsity_loss", "time"}
+    assert all(len(v) == 2 for v in history.values())
+    assert 0 <= on_disk["test_accuracy"] <= 100 and on_disk["peak_memory_mb"] > 0
+    assert (tmp_path / "config.yaml").exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # atomic writes leave nothing behind
+    # The best weights rebuild from the directory alone, with the data's shape (16x16 -> patch 4).
+    model = afmp.load_checkpoint(tmp_path)
+    assert model.cfg.img_size == 16 and model.cfg.patch_size == 4 and model.cfg.num_classes == 10
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_resume_continues_exactly_where_it_stopped(tmp_path):
+    straight = tmp_path / "straight"
+    train(TrainConfig(model="afmp_tiny", epochs=3, out=str(straight), **TINY))
+    broken = tmp_path / "broken"
+    train(TrainConfig(model="afmp_tiny", epochs=1, out=str(broken), **TINY))
+    train(TrainConfig(model="afmp_tiny", epochs=3, out=str(broken), resume=True, **TINY))
+    a, b = load_file(str(straight / "last.safetensors")), load_file(str(broken / "last.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+    ha = json.loads((straight / "results.json").read_text())["training_history"]
+    hb = json.loads((broken / "results.json").read_text())["training_history"]
+    assert ha["val_acc"] == hb["val_acc"] and ha["train_loss"] == pytest.approx(hb["train_loss"])
+
+
+def test_patch_size_keeps_the_presets_token_grid():
+    digits = {"img_size": 8, "in_chans": 1, "num_classes": 10}
+    assert model_args_for_data("afmp_tiny", digits, {}) == {**digits, "patch_size": 2}
+    assert model_args_for_data("afmp_tiny", digits, {"patch_size": 4})["patch_size"] == 4
+
+
+def test_cli_yaml_config_and_model_options(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("model: afmp_tiny\ndataset: synthetic\nepochs: 5\nmodel_opts: {sparsity: 0.5}\n"
+                      "data_opts: {num_samples: 48, img_size: 16}\nbatch_size: 16\n")
+    out = tmp_path / "run"
+    code = cli.main(
+        ["train", "--config", str(config), "--epochs", "1", "--out", str(out), "-o", "use_top_down=false"]
+    )
+    assert code == 0
+    spec = json.loads((out / "model.json").read_text())
+    assert spec["config"]["sparsity"] == 0.5 and spec["config"]["use_top_down"] is False
+    assert json.loads((out / "results.json").read_text())["config"]["epochs"] == 1
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
+    assert cli.main(["train", "--model", "nope", "--out", str(tmp_path)]) == 2
+    assert "registered models" in capsys.readouterr().err
+    assert cli.main(["train", "-o", "sparsity", "--out", str(tmp_path)]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    assert cli.main(["models"]) == 0
+    assert "afmp_tiny" in capsys.readouterr().out
