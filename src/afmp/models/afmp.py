@@ -47,7 +47,8 @@ class RouterPCULayer(nn.Module):
         self.gate = nn.Linear(1, d_model)  # g = sigmoid(w_g * s + b_g)
 
     def forward(self, h, t, graph, backend):
-        nbr, mask, length, num_edges, reverse = graph
+        nbr, mask, length, num_edges, *rest = graph
+        reverse = rest[0] if rest else None  # the scaffold's reverse slots; kernels recompute them if absent
         h_self, m, q, k, a, b = self.proj(h).split(self.split, dim=-1)
         p = self.pred(t) if self.pred is not None else None
         s = backend.edge_scores(

@@ -2,7 +2,9 @@
 
 Each backend provides ``edge_scores`` and ``gated_aggregate`` with the signatures of
 ``afmp.ops.edge`` and a ``why_not(device)`` that returns None when it can run there,
-or the reason it cannot. ``auto`` picks the first that can run, in PREFERENCE order.
+or the reason it cannot. ``auto`` picks the first that can run, in PREFERENCE order
+(on the CPU, always the reference). Backends take the scaffold's ``reverse`` slots as a
+keyword; the reference ignores them, the Triton kernels' backward uses them.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def select_edge_backend(name: str, device: torch.device | str) -> EdgeBackend:
     """The backend called ``name`` (or the best that can run on ``device`` for ``auto``)."""
     device = torch.device(device)
     if name == "auto":
+        if device.type == "cpu":  # other backends run on the CPU only through an interpreter, for tests
+            return EDGE_BACKENDS["reference"]
         for candidate in PREFERENCE:
             if EDGE_BACKENDS[candidate].why_not(device) is None:
                 return EDGE_BACKENDS[candidate]
@@ -56,3 +60,14 @@ def select_edge_backend(name: str, device: torch.device | str) -> EdgeBackend:
     if reason is not None:
         raise RuntimeError(f"edge backend {name!r} cannot run on {device}: {reason}")
     return backend
+
+
+try:  # the Triton kernels are optional: without triton, only the reference
+    from afmp.ops import triton_edge
+except ImportError:
+    triton_edge = None
+else:
+    register_edge_backend(
+        EdgeBackend("triton", triton_edge.edge_scores, triton_edge.gated_aggregate, triton_edge.why_not),
+        preferred=True,
+    )

@@ -1,0 +1,254 @@
+"""`afmp ablate`: the notebook's three ablation studies, over several seeds.
+
+    afmp ablate sparsity --dataset digits --epochs 40 --seeds 3 --out runs/abl-sparsity
+    afmp ablate lambda   --dataset cifar100 --data-dir data --epochs 100 --seeds 3 --out ...
+    afmp ablate topdown  --dataset digits --epochs 40 --seeds 3 --out runs/abl-topdown
+
+Studies (as in the paper, the first two leave the top-down pass out, to isolate routing):
+
+    sparsity  dense (rho = 0, lambda = 0) and rho in {0.2, 0.3, 0.4, 0.5, 0.6}, no top-down
+    lambda    lambda in {1e-3, 1e-4, 1e-5} at rho = 0.3, no top-down
+    topdown   with and without the top-down pass, at rho = 0.3, lambda = 1e-4
+
+Every ``afmp train`` option passes through (--model, --batch-size, --lr, --device, -o ...);
+``--seed`` is the first seed, runs use seed, seed + 1, ... Each run is an ordinary
+``afmp train`` run in ``OUT/<setting>/seed<k>/``; the study then writes ``OUT/summary.csv``
+(mean and sample std over seeds) and ``OUT/comparison.png`` (the notebook's 2x2 figure).
+Run the same command again to continue an interrupted study: finished runs (those with
+a results.json) are kept, and with ``--resume`` a half-trained run continues from its
+last epoch instead of starting again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from afmp import train as trainer
+from afmp.checkpoint import atomic_write, write_json
+
+# study -> [(setting, plot label, model options)]
+STUDIES: dict[str, list[tuple[str, str, dict]]] = {
+    "sparsity": [
+        ("dense", "Dense", {"sparsity": 0.0, "lambda_sparse": 0.0, "use_top_down": False}),
+        *[
+            (f"rho{rho}", f"ρ={rho}", {"sparsity": rho, "lambda_sparse": 1e-4, "use_top_down": False})
+            for rho in (0.2, 0.3, 0.4, 0.5, 0.6)
+        ],
+    ],
+    "lambda": [
+        (f"lambda{lam}", f"λ={lam}", {"sparsity": 0.3, "lambda_sparse": float(lam), "use_top_down": False})
+        for lam in ("1e-3", "1e-4", "1e-5")
+    ],
+    "topdown": [
+        ("topdown", "Top-down", {"sparsity": 0.3, "lambda_sparse": 1e-4, "use_top_down": True}),
+        ("no_topdown", "No top-down", {"sparsity": 0.3, "lambda_sparse": 1e-4, "use_top_down": False}),
+    ],
+}
+
+# Settings that may differ between the runs of one study without changing their results.
+_RUNTIME_ONLY = {"out", "resume", "device", "num_workers", "tensorboard", "viz_every", "resolved_model"}
+
+
+def run_dir(out: Path, setting: str, seed: int) -> Path:
+    return out / setting / f"seed{seed}"
+
+
+def run_configs(
+    study: str, base: trainer.TrainConfig, seeds: int
+) -> list[tuple[str, int, trainer.TrainConfig]]:
+    """(setting, seed, config) of every run, replicate by replicate (a partial study stays balanced)."""
+    if study not in STUDIES:
+        raise ValueError(f"unknown study {study!r}; choose one of {', '.join(STUDIES)}")
+    if seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {seeds}")
+    fixed = {k for _, _, opts in STUDIES[study] for k in opts}
+    clash = sorted(fixed & set(base.model_opts))
+    if clash:
+        raise ValueError(f"the {study} study sets {', '.join(clash)} itself; do not pass them with -o")
+    runs = []
+    for seed in range(base.seed, base.seed + seeds):
+        for setting, _, opts in STUDIES[study]:
+            cfg = dataclasses.replace(
+                base,
+                seed=seed,
+                out=str(run_dir(Path(base.out), setting, seed)),
+                model_opts={**base.model_opts, **opts},
+            )
+            runs.append((setting, seed, cfg))
+    return runs
+
+
+def _check_same_settings(cfg: trainer.TrainConfig, results: dict, path: Path) -> None:
+    """A finished run is reused only if it was trained with the settings asked for now."""
+    ignore = _RUNTIME_ONLY | (
+        {"batch_size"} if getattr(cfg, "auto_batch", False) else set()
+    )  # found, not asked
+    asked = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k not in ignore}
+    done = {k: v for k, v in results.get("config", {}).items() if k not in ignore}
+    diff = sorted(k for k in asked.keys() | done.keys() if asked.get(k) != done.get(k))
+    if diff:
+        details = ", ".join(f"{k}: {done.get(k)!r} there, {asked.get(k)!r} now" for k in diff)
+        raise ValueError(f"{path} was trained with other settings ({details}); use a new --out")
+
+
+def run_study(study: str, base: trainer.TrainConfig, seeds: int) -> list[dict]:
+    """Train every run still missing, then write summary.csv and comparison.png; returns the summary rows."""
+    out = Path(base.out)
+    runs = run_configs(study, base, seeds)
+    write_json(out / "study.json", {"study": study, "seeds": seeds, "base": dataclasses.asdict(base)})
+    for n, (setting, seed, cfg) in enumerate(runs, 1):
+        results_path = Path(cfg.out) / "results.json"
+        if results_path.is_file():
+            _check_same_settings(cfg, json.loads(results_path.read_text()), results_path)
+            print(f"[{n}/{len(runs)}] {setting} seed {seed}: done already, kept")
+            continue
+        if (Path(cfg.out) / "last_state.pt").is_file() and not cfg.resume:
+            print(
+                f"[{n}/{len(runs)}] {setting} seed {seed}: partial run found, starting again (--resume continues it)"
+            )
+        print(f"[{n}/{len(runs)}] {setting} seed {seed} -> {cfg.out}")
+        trainer.train(cfg)
+    rows = summarize(out, study, seeds=range(base.seed, base.seed + seeds))
+    print_table(rows)
+    return rows
+
+
+# -- summary -------------------------------------------------------------------------------
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN for a single seed: no spread can be measured)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
+
+
+def load_results(out: Path, study: str, seeds) -> dict[str, list[dict]]:
+    """setting -> the results.json of each of its finished seeds."""
+    found = {}
+    for setting, _, _ in STUDIES[study]:
+        paths = [run_dir(out, setting, s) / "results.json" for s in seeds]
+        found[setting] = [json.loads(p.read_text()) for p in paths if p.is_file()]
+    return found
+
+
+def summarize(out, study: str, seeds) -> list[dict]:
+    """One row per setting over its finished seeds; writes summary.csv and comparison.png."""
+    out = Path(out)
+    results = load_results(out, study, seeds)
+    rows = []
+    for setting, label, _ in STUDIES[study]:
+        runs = results[setting]
+        if not runs:
+            continue
+        val_mean, val_std = _mean_std([r["best_val_accuracy"] for r in runs])
+        test_mean, test_std = _mean_std([r["test_accuracy"] for r in runs])
+        times = [t for r in runs for t in r["training_history"]["time"]]
+        rows.append(
+            {
+                "setting": setting,
+                "label": label,
+                "seeds": len(runs),
+                "best_val_mean": val_mean,
+                "best_val_std": val_std,
+                "test_mean": test_mean,
+                "test_std": test_std,
+                "epoch_time_s": statistics.fmean(times),
+                "params": runs[0]["params"],
+            }
+        )
+    if not rows:
+        raise ValueError(f"no finished runs of the {study} study under {out}")
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(out / "summary.csv", write)
+    plot_comparison(results, rows, out / "comparison.png", title=f"{study} ablation")
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| setting | seeds | best val % (mean ± std) | test % (mean ± std) | s / epoch |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['label']} | {r['seeds']} | {r['best_val_mean']:.2f} ± {r['best_val_std']:.2f} | "
+            f"{r['test_mean']:.2f} ± {r['test_std']:.2f} | {r['epoch_time_s']:.2f} |"
+        )
+
+
+def _curves(runs: list[dict], key: str) -> np.ndarray:
+    """(seeds, epochs) of one history entry; a run stopped early is cut to the shortest."""
+    length = min(len(r["training_history"][key]) for r in runs)
+    return np.array([r["training_history"][key][:length] for r in runs], dtype=float)
+
+
+def plot_comparison(results: dict[str, list[dict]], rows: list[dict], path: Path, *, title: str) -> Path:
+    """The notebook's 2x2 figure, with seed means (lines) and ± one std (bands)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(2, 2, figsize=(14, 10))
+    panels = [
+        (axes[0, 0], "val_acc", "Validation Accuracy", "Accuracy (%)"),
+        (axes[0, 1], "train_loss", "Training Loss", "Loss"),
+        (axes[1, 0], "sparsity_loss", "Sparsity Loss", "Loss Value"),
+    ]
+    for row in rows:
+        runs = results[row["setting"]]
+        for ax, key, _, _ in panels:
+            curves = _curves(runs, key)
+            epochs = np.arange(1, curves.shape[1] + 1)
+            mean = curves.mean(0)
+            label = row["label"]
+            if key == "val_acc":
+                label += f" (Best: {row['best_val_mean']:.2f}" + (
+                    f" ± {row['best_val_std']:.2f}%)" if row["seeds"] > 1 else "%)"
+                )
+            (line,) = ax.plot(epochs, mean, label=label)
+            if len(runs) > 1:
+                std = curves.std(0, ddof=1)
+                ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    for ax, _, name, ylabel in panels:
+        ax.set(title=name, xlabel="Epoch", ylabel=ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True)
+        ax.legend()
+    ax = axes[1, 1]
+    times = [[t for r in results[row["setting"]] for t in r["training_history"]["time"]] for row in rows]
+    ax.bar(
+        [row["label"] for row in rows],
+        [statistics.fmean(t) for t in times],
+        yerr=[statistics.stdev(t) if len(t) > 1 else 0.0 for t in times],
+        capsize=4,
+    )
+    ax.set(title="Average Per-Epoch Training Time", ylabel="Seconds")
+    fig.suptitle(f"{title}: mean over seeds, band = ± one std")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return path
+
+
+# -- command line ----------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("study", choices=list(STUDIES), help="which ablation study")
+    p.add_argument("--seeds", type=int, default=3, help="runs per setting (seeds --seed, --seed + 1, ...)")
+    trainer.add_arguments(p)  # every afmp train option passes through
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.out is None:
+        args.out = f"runs/ablate-{args.study}-{args.dataset or trainer.TrainConfig.dataset}"
+    run_study(args.study, trainer.config_from_args(args), args.seeds)
+    return 0

@@ -1,0 +1,107 @@
+"""`afmp ablate`: the studies' settings, the summary over seeds, and continuing a stopped study."""
+
+import csv
+import json
+import statistics
+
+import pytest
+
+from afmp import ablate, cli
+from afmp.train import TrainConfig
+
+TINY = ["-o", "d_model=16", "-o", "num_layers=2", "-o", "k_dim=8", "-o", "score_hidden=8"]
+
+
+def _args(study, out, *extra):
+    return ["ablate", study, "--dataset", "digits", "--batch-size", "128", "--out", str(out), *TINY, *extra]
+
+
+def test_study_settings():
+    no_td = {"use_top_down": False}
+    assert ablate.STUDIES["sparsity"] == [
+        ("dense", "Dense", {"sparsity": 0.0, "lambda_sparse": 0.0, **no_td}),
+        *[
+            (f"rho{r}", f"ρ={r}", {"sparsity": r, "lambda_sparse": 1e-4, **no_td})
+            for r in (0.2, 0.3, 0.4, 0.5, 0.6)
+        ],
+    ]
+    assert ablate.STUDIES["lambda"] == [
+        ("lambda1e-3", "λ=1e-3", {"sparsity": 0.3, "lambda_sparse": 1e-3, **no_td}),
+        ("lambda1e-4", "λ=1e-4", {"sparsity": 0.3, "lambda_sparse": 1e-4, **no_td}),
+        ("lambda1e-5", "λ=1e-5", {"sparsity": 0.3, "lambda_sparse": 1e-5, **no_td}),
+    ]
+    assert ablate.STUDIES["topdown"] == [
+        ("topdown", "Top-down", {"sparsity": 0.3, "lambda_sparse": 1e-4, "use_top_down": True}),
+        ("no_topdown", "No top-down", {"sparsity": 0.3, "lambda_sparse": 1e-4, "use_top_down": False}),
+    ]
+
+
+def test_run_configs(tmp_path):
+    base = TrainConfig(out=str(tmp_path), seed=5, lr=3e-3, model_opts={"d_model": 16})
+    runs = ablate.run_configs("sparsity", base, seeds=2)
+    assert [(s, k) for s, k, _ in runs[:7]] == [(s, 5) for s, _, _ in ablate.STUDIES["sparsity"]] + [
+        ("dense", 6)
+    ]
+    setting, seed, cfg = runs[1]
+    assert cfg.out == str(tmp_path / "rho0.2" / "seed5") and cfg.lr == 3e-3
+    assert cfg.model_opts == {"d_model": 16, "sparsity": 0.2, "lambda_sparse": 1e-4, "use_top_down": False}
+    with pytest.raises(ValueError, match="sets sparsity itself"):
+        ablate.run_configs("topdown", TrainConfig(model_opts={"sparsity": 0.1}), seeds=1)
+    with pytest.raises(ValueError, match="at least 1"):
+        ablate.run_configs("topdown", base, seeds=0)
+
+
+def test_topdown_study_end_to_end_and_continue(tmp_path, capsys):
+    out = tmp_path / "abl"
+    assert cli.main(_args("topdown", out, "--epochs", "2", "--seeds", "2")) == 0
+    results = {
+        (s, k): json.loads((out / s / f"seed{k}" / "results.json").read_text())
+        for s in ("topdown", "no_topdown")
+        for k in (0, 1)
+    }
+    assert results["topdown", 1]["config"]["model_opts"]["use_top_down"] is True
+    assert results["no_topdown", 0]["config"]["seed"] == 0 and results["no_topdown", 1]["config"]["seed"] == 1
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["setting"] for r in rows] == ["topdown", "no_topdown"]
+    for row in rows:
+        vals = [results[row["setting"], k]["best_val_accuracy"] for k in (0, 1)]
+        tests = [results[row["setting"], k]["test_accuracy"] for k in (0, 1)]
+        times = [t for k in (0, 1) for t in results[row["setting"], k]["training_history"]["time"]]
+        assert row["seeds"] == "2"
+        assert float(row["best_val_mean"]) == pytest.approx(statistics.fmean(vals))
+        assert float(row["best_val_std"]) == pytest.approx(statistics.stdev(vals))
+        assert float(row["test_mean"]) == pytest.approx(statistics.fmean(tests))
+        assert float(row["test_std"]) == pytest.approx(statistics.stdev(tests))
+        assert float(row["epoch_time_s"]) == pytest.approx(statistics.fmean(times))
+    assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+
+    # Run again: finished runs are kept, not retrained.
+    kept = out / "topdown" / "seed0" / "results.json"
+    before = kept.stat().st_mtime_ns
+    assert cli.main(_args("topdown", out, "--epochs", "2", "--seeds", "2")) == 0
+    assert kept.stat().st_mtime_ns == before
+    assert capsys.readouterr().out.count("done already, kept") == 4
+
+    # An interrupted run (no results.json yet) continues from its last epoch with --resume.
+    (out / "no_topdown" / "seed1" / "results.json").unlink()
+    assert cli.main(_args("topdown", out, "--epochs", "2", "--seeds", "2", "--resume")) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("done already, kept") == 3 and "at epoch 3" in printed  # nothing left to train
+    again = json.loads((out / "no_topdown" / "seed1" / "results.json").read_text())
+    assert again["training_history"] == results["no_topdown", 1]["training_history"]
+
+    # The same --out with other settings is refused rather than mixed in.
+    assert cli.main(_args("topdown", out, "--epochs", "3", "--seeds", "2")) == 2
+    assert "trained with other settings (epochs: 2 there, 3 now)" in capsys.readouterr().err
+
+
+def test_lambda_study_one_seed(tmp_path):
+    out = tmp_path / "lam"
+    assert cli.main(_args("lambda", out, "--epochs", "1", "--seeds", "1")) == 0
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["setting"] for r in rows] == ["lambda1e-3", "lambda1e-4", "lambda1e-5"]
+    assert all(r["best_val_std"] == "nan" for r in rows)  # one seed: no spread to report
+    assert (out / "comparison.png").is_file()
