@@ -1,0 +1,279 @@
+"""`afmp eval` (one checkpoint, per class) and `afmp compare` (several runs, one table).
+
+``afmp eval --checkpoint DIR [--dataset NAME] [--split test]`` rebuilds the model and
+the data set the run used (from DIR/config.yaml, unless told otherwise) and writes,
+into DIR:
+
+    confusion_<split>.png     the confusion matrix (rows: true class, columns: predicted)
+    per_class_<split>.csv     support, correct and accuracy of each class
+    per_class_<split>.json    the same, the overall accuracy and the confusion matrix
+
+``afmp compare --runs DIR... --out DIR`` writes compare.csv and compare.md (printed)
+with each run's parameters, forward FLOPs at batch 1 (torch.utils.flop_counter,
+counted on the CPU with the plain-PyTorch backends, whose matmuls the counter sees),
+latency (median of timed batch-1 forwards after warm-up on the current device, with
+the run's own backends) and best validation / test accuracy from results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from afmp.checkpoint import atomic_write, load_checkpoint, write_json
+from afmp.data import build_dataset
+from afmp.registry import config_fields, model_entry
+from afmp.train import autocast, resolve_device, to_device
+
+
+# -- afmp eval ------------------------------------------------------------------------------
+def run_settings(directory: Path) -> dict:
+    """The run's resolved TrainConfig (config.yaml), or {} if it has none."""
+    path = directory / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
+
+
+@torch.no_grad()
+def confusion_matrix(model, loader, num_classes: int, device, amp: bool = True) -> torch.Tensor:
+    """(num_classes, num_classes) counts; row = true class, column = predicted class."""
+    model.eval()
+    counts = torch.zeros(num_classes * num_classes, dtype=torch.long)
+    for inputs, labels in loader:
+        with autocast(device, amp):
+            logits = model(to_device(inputs, device))
+        pred = logits.argmax(-1).cpu()
+        counts += torch.bincount(labels.cpu() * num_classes + pred, minlength=num_classes * num_classes)
+    return counts.view(num_classes, num_classes)
+
+
+def per_class_table(confusion: torch.Tensor, class_names: list[str]) -> list[dict]:
+    support, correct = confusion.sum(1), confusion.diag()
+    return [
+        {
+            "class": i,
+            "name": class_names[i],
+            "support": int(support[i]),
+            "correct": int(correct[i]),
+            "accuracy": 100.0 * int(correct[i]) / int(support[i]) if support[i] else None,
+        }
+        for i in range(len(class_names))
+    ]
+
+
+def plot_confusion(confusion: torch.Tensor, class_names: list[str], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(class_names)
+    # Row-normalised, so rare and common classes read on one colour scale.
+    rates = confusion.double() / confusion.sum(1, keepdim=True).clamp_min(1)
+    fig, ax = plt.subplots(figsize=(min(4 + 0.4 * n, 14), min(3.5 + 0.4 * n, 13)))
+    im = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, label="fraction of the true class")
+    ax.set(xlabel="predicted class", ylabel="true class", title=title)
+    if n <= 20:
+        ax.set_xticks(range(n), class_names, rotation=90)
+        ax.set_yticks(range(n), class_names)
+        for i in range(n):
+            for j in range(n):
+                if confusion[i, j]:
+                    ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if rates[i, j] > 0.5 else "black")  # fmt: skip
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def evaluate_checkpoint(
+    directory: str | Path,
+    *,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    split: str = "test",
+    batch_size: int = 256,
+    device: str = "auto",
+) -> dict:
+    """Evaluate DIR's best weights on one split; writes the PNG, CSV and JSON; returns the JSON's dict."""
+    directory = Path(directory)
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, got {split!r}")
+    dev = resolve_device(device)
+    model = load_checkpoint(directory, device=dev)
+    settings = run_settings(directory)
+    same_data = dataset is None or dataset == settings.get("dataset")
+    name = dataset or settings.get("dataset")
+    if not name:
+        raise ValueError(f"{directory} has no config.yaml naming its data set: pass --dataset")
+    # The run's own split seed and options, so that "test" is the test split it never trained on.
+    options = {
+        "data_dir": data_dir or (settings.get("data_dir") if same_data else None),
+        "val_fraction": settings.get("val_fraction", 0.1),
+        "seed": settings.get("seed", 0),
+        **((settings.get("data_opts") or {}) if same_data else {}),
+    }
+    data = build_dataset(name, **options)
+    num_classes = data.model_args.get("num_classes")
+    if num_classes != model.num_classes:
+        raise ValueError(f"data set {name!r} has {num_classes} classes, the model {model.num_classes}")
+    class_names = data.class_names or [str(i) for i in range(num_classes)]
+    loader = torch.utils.data.DataLoader(
+        getattr(data, split), batch_size=batch_size, collate_fn=data.collate_fn
+    )
+    confusion = confusion_matrix(model, loader, num_classes, dev, amp=settings.get("amp", True))
+    total = int(confusion.sum())
+    accuracy = 100.0 * int(confusion.diag().sum()) / max(total, 1)
+    rows = per_class_table(confusion, class_names)
+    report = {
+        "checkpoint": str(directory),
+        "model": model.model_name,
+        "dataset": name,
+        "split": split,
+        "samples": total,
+        "accuracy": accuracy,
+        "per_class": rows,
+        "confusion": confusion.tolist(),
+    }
+    write_json(directory / f"per_class_{split}.json", report)
+    write_csv(directory / f"per_class_{split}.csv", rows)
+    title = f"{model.model_name} on {name} ({split}): {accuracy:.2f}% of {total}"
+    plot_confusion(confusion, class_names, title, directory / f"confusion_{split}.png")
+    return report
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="run directory written by afmp train")
+    p.add_argument("--dataset", help="data set name (default: the run's)")
+    p.add_argument("--data-dir", help="where the data set's files are (default: the run's)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+
+
+def main(args: argparse.Namespace) -> int:
+    report = evaluate_checkpoint(
+        args.checkpoint,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        split=args.split,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    print(
+        f"{report['model']} on {report['dataset']} {report['split']}: {report['accuracy']:.2f}% of {report['samples']}"
+    )
+    scored = [r for r in report["per_class"] if r["accuracy"] is not None]
+    for r in sorted(scored, key=lambda r: r["accuracy"])[:5]:
+        print(f"  lowest: class {r['name']}: {r['accuracy']:.1f}% of {r['support']}")
+    print(f"wrote confusion_{args.split}.png, per_class_{args.split}.csv/.json in {args.checkpoint}")
+    return 0
+
+
+# -- afmp compare ---------------------------------------------------------------------------
+def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    counter = FlopCounterMode(display=False)
+    # SDPA's math backend is made of matmuls the counter sees (the CPU's fused one has no formula).
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        model(x)
+    return counter.get_total_flops()
+
+
+@torch.no_grad()
+def median_latency_ms(
+    model: torch.nn.Module, x: torch.Tensor, *, warmup: int = 3, repeats: int = 10
+) -> float:
+    model.eval()
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    times = []
+    with autocast(x.device, True):
+        for i in range(warmup + repeats):
+            sync()
+            started = time.perf_counter()
+            model(x)
+            sync()
+            if i >= warmup:
+                times.append(1e3 * (time.perf_counter() - started))
+    return statistics.median(times)
+
+
+def compare_runs(
+    runs: list[str | Path], *, device: str = "auto", warmup: int = 3, repeats: int = 10
+) -> list[dict]:
+    dev = resolve_device(device)
+    rows = []
+    for run in map(Path, runs):
+        results_path = run / "results.json"
+        if not results_path.is_file():
+            raise FileNotFoundError(f"{run}: no results.json (is it a run directory of afmp train?)")
+        results = json.loads(results_path.read_text())
+        model = load_checkpoint(run, device=dev)
+        model_cls, _ = model_entry(model.model_name)
+        # FLOPs on the CPU through the plain-PyTorch backends: the counter does not see inside kernels.
+        plain = {"backend": "reference"} if "backend" in config_fields(model_cls) else {}
+        cpu_model = load_checkpoint(run, device="cpu", **plain).eval()
+        rows.append(
+            {
+                "run": run.name,
+                "model": model.model_name,
+                "dataset": results.get("dataset"),
+                "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+                "GFLOPs": round(count_flops(cpu_model, cpu_model.example_input(1)) / 1e9, 4),
+                "latency_ms": round(
+                    median_latency_ms(model, model.example_input(1), warmup=warmup, repeats=repeats), 3
+                ),
+                "device": str(dev),
+                "best_val_acc": results.get("best_val_accuracy"),
+                "test_acc": results.get("test_accuracy"),
+            }
+        )
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for row in rows:
+        cells = [
+            f"{row[k]:.2f}" if isinstance(row[k], float) and k.endswith("acc") else str(row[k]) for k in keys
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def add_compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs", nargs="+", required=True, metavar="DIR", help="run directories of afmp train")
+    p.add_argument("--out", required=True, help="folder for compare.csv and compare.md")
+    p.add_argument("--device", default="auto", help="where latency is timed")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+
+
+def compare_main(args: argparse.Namespace) -> int:
+    rows = compare_runs(args.runs, device=args.device, warmup=args.warmup, repeats=args.repeats)
+    out = Path(args.out)
+    write_csv(out / "compare.csv", rows)
+    table = markdown_table(rows)
+    atomic_write(out / "compare.md", lambda tmp: tmp.write_text(table))
+    print(table, end="")
+    print(f"wrote {out / 'compare.csv'} and {out / 'compare.md'}")
+    return 0
