@@ -8,11 +8,17 @@ beside the results. The run directory gets:
     results.json              accuracies, history, params, peak memory
     model.safetensors/.json   best-validation weights and the model's config
     last.safetensors/.json    latest weights, with last_state.pt, for --resume
+    history.csv               one row per epoch (and tb/ for TensorBoard with --tensorboard)
+
+Multi-process (DistributedDataParallel): ``torchrun --nproc_per_node=N -m afmp.train ...``
+(or ``torchrun $(which afmp) train ...``); ``--batch-size`` stays the global batch,
+rank 0 alone writes files, see afmp.distributed.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import math
 import random
@@ -29,6 +35,8 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from afmp import batch_size as batch_sizing
+from afmp import distributed as ddp
 from afmp.checkpoint import atomic_write, model_spec, save_checkpoint, unwrap, write_json
 from afmp.data import build_dataset
 from afmp.registry import config_fields, create_model, model_entry
@@ -43,11 +51,13 @@ class TrainConfig:
     out: str = "runs/afmp_tiny-digits"
     epochs: int = 40
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 3e-3
     weight_decay: float = 1e-4
     scheduler: str = "cosine"  # "cosine" (with linear warm-up) or "plateau" (the notebook's)
     warmup_epochs: float = 2.0
     clip_grad: float = 1.0  # max gradient norm; 0 turns clipping off
+    label_smoothing: float = 0.0  # cross-entropy target smoothing, in [0, 1)
+    mixup_alpha: float = 0.0  # mixup's Beta(alpha, alpha) blend of image batches; 0 = off
     amp: bool = True  # bf16/fp16 autocast on CUDA; ignored on the CPU
     device: str = "auto"
     seed: int = 0
@@ -56,6 +66,10 @@ class TrainConfig:
     model_opts: dict = field(default_factory=dict)  # Config fields of the model, e.g. sparsity
     data_opts: dict = field(default_factory=dict)  # extra loader options
     resume: bool = False  # continue from the run directory's last checkpoint
+    tensorboard: bool = False  # also log to TensorBoard under out/tb
+    viz_every: int = 0  # draw gates and sparsity (afmp.viz) every k epochs; 0 = off
+    auto_batch: bool = False  # CUDA: largest batch <= batch_size fitting memory_budget_mb (batch_size.py)
+    memory_budget_mb: float = 0.0  # for auto_batch; 0 = 90% of the GPU's memory
 
 
 # -- set-up -------------------------------------------------------------------------------
@@ -128,14 +142,32 @@ def to_device(batch, device):
     return batch.to(device, non_blocking=True) if isinstance(batch, torch.Tensor) else batch
 
 
+def mixup(inputs, labels, alpha: float):
+    """Mixup (Zhang et al. 2018): (inputs blended with a shuffled copy, the copy's labels, weight)."""
+    if alpha < 0:
+        raise ValueError(f"mixup_alpha must be >= 0 (0 = off), got {alpha}")
+    if alpha == 0:
+        return inputs, labels, 1.0
+    if not (isinstance(inputs, torch.Tensor) and inputs.is_floating_point()):
+        raise ValueError("mixup blends image batches; this data set's inputs are not: use mixup_alpha=0")
+    lam = float(np.random.beta(alpha, alpha))
+    perm = torch.randperm(labels.shape[0], device=labels.device)
+    return lam * inputs + (1 - lam) * inputs[perm], labels[perm], lam
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, device, desc):
     model.train()
     totals = {"loss": 0.0, "correct": 0, "seen": 0, "sparsity": 0.0}
     for inputs, labels in tqdm(loader, desc=desc, leave=False, disable=None):
         inputs, labels = to_device(inputs, device), labels.to(device)
+        inputs, mixed_labels, lam = mixup(inputs, labels, cfg.mixup_alpha)
         with autocast(device, cfg.amp):
             logits, aux = model(inputs, return_aux=True)
-            task_loss = F.cross_entropy(logits.float(), labels)
+            task_loss = lam * F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+            if lam < 1:
+                task_loss = task_loss + (1 - lam) * F.cross_entropy(
+                    logits.float(), mixed_labels, label_smoothing=cfg.label_smoothing
+                )
             reg = aux.get("sparsity_loss", torch.zeros((), device=device))
             loss = task_loss + reg
         optimizer.zero_grad(set_to_none=True)
@@ -152,6 +184,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, device, de
         totals["sparsity"] += float(reg.detach()) * n
         totals["correct"] += (logits.argmax(-1) == labels).sum().item()
         totals["seen"] += n
+    totals = dict(zip(totals, ddp.all_reduce_sum(list(totals.values()), device)))  # over ranks
     seen = max(totals["seen"], 1)
     return totals["loss"] / seen, 100.0 * totals["correct"] / seen, totals["sparsity"] / seen
 
@@ -167,14 +200,15 @@ def evaluate(model, loader, device, amp: bool = True) -> float:
             logits = model(inputs)
         correct += (logits.argmax(-1) == labels).sum().item()
         seen += labels.shape[0]
+    correct, seen = ddp.all_reduce_sum([correct, seen], device)  # each rank saw one shard
     return 100.0 * correct / max(seen, 1)
 
 
 def train(cfg: TrainConfig) -> dict:
     """Train, keep the best validation weights, report test accuracy; returns results.json's dict."""
     out = Path(cfg.out)
-    device = resolve_device(cfg.device)
-    seed_everything(cfg.seed)
+    env, device = ddp.init(resolve_device(cfg.device))
+    seed_everything(cfg.seed)  # the same seed on every rank: the same initial weights
     data = build_dataset(
         cfg.dataset,
         data_dir=cfg.data_dir,
@@ -186,24 +220,40 @@ def train(cfg: TrainConfig) -> dict:
     model = create_model(cfg.model, **model_args_for_data(cfg.model, data.model_args, cfg.model_opts)).to(
         device
     )
+    if cfg.auto_batch:
+        if env.world_size > 1:
+            raise ValueError("--auto-batch probes one process's memory; run it without torchrun")
+        make_batch = batch_sizing.example_batches(model, data.model_args, device)
+        found = batch_sizing.find_batch_size(
+            model,
+            make_batch,
+            max_batch=cfg.batch_size,
+            device=device,
+            budget_mb=cfg.memory_budget_mb,
+            autocast=lambda: autocast(device, cfg.amp),
+        )
+        cfg = dataclasses.replace(cfg, batch_size=found)
+    model = ddp.wrap(model, env, device)
     params = sum(p.numel() for p in model.parameters())
     resolved = {**dataclasses.asdict(cfg), "resolved_model": model_spec(model)}
-    atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(resolved, sort_keys=False)))
+    if env.is_main:
+        atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(resolved, sort_keys=False)))
 
-    def loader(split, shuffle, generator=None):
+    def loader(split, sampler):
         return DataLoader(
             split,
-            batch_size=cfg.batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            batch_size=ddp.local_batch_size(cfg.batch_size, env),
+            sampler=sampler,
             num_workers=cfg.num_workers,
             collate_fn=data.collate_fn,
             pin_memory=device.type == "cuda",
             drop_last=False,
         )
 
-    val_loader, test_loader = loader(data.val, False), loader(data.test, False)
-    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    val_loader = loader(data.val, ddp.ShardSampler(data.val, env))
+    test_loader = loader(data.test, ddp.ShardSampler(data.test, env))
+    train_sampler = ddp.train_sampler(data.train, env, seed=cfg.seed * 100_003)
+    steps_per_epoch = math.ceil(len(train_sampler) / ddp.local_batch_size(cfg.batch_size, env))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
     scaler = torch.amp.GradScaler(
@@ -225,18 +275,25 @@ def train(cfg: TrainConfig) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    print(
+    log = print if env.is_main else lambda *a, **k: None
+    tb = None
+    if cfg.tensorboard and env.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(str(out / "tb"))
+    log(
         f"{cfg.model} on {cfg.dataset}: {params / 1e6:.3f}M parameters, {len(data.train)} train / "
-        f"{len(data.val)} val / {len(data.test)} test, device {device}"
+        f"{len(data.val)} val / {len(data.test)} test, device {device}, {env.world_size} process(es)"
     )
     for epoch in range(start_epoch, cfg.epochs):
-        # Re-seeding per epoch makes a resumed run draw the same batches as an unbroken one.
-        seed_everything(cfg.seed * 100_003 + epoch)
-        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        # Re-seeding per epoch makes a resumed run draw the same batches as an unbroken one;
+        # the sampler's permutation is shared by all ranks, their augmentation seeds are not.
+        seed_everything(cfg.seed * 100_003 + epoch + 1_000_003 * env.rank)
+        train_sampler.set_epoch(epoch)
         started = time.perf_counter()
         loss, acc, sparsity = train_one_epoch(
             model,
-            loader(data.train, True, generator),
+            loader(data.train, train_sampler),
             optimizer,
             scheduler,
             scaler,
@@ -244,33 +301,42 @@ def train(cfg: TrainConfig) -> dict:
             device,
             f"epoch {epoch + 1}/{cfg.epochs}",
         )
-        val_acc = evaluate(model, val_loader, device, cfg.amp)
+        val_acc = evaluate(unwrap(model), val_loader, device, cfg.amp)
         if cfg.scheduler == "plateau":
             scheduler.step(val_acc)
         for key, value in zip(history, (loss, acc, val_acc, sparsity, time.perf_counter() - started)):
             history[key].append(value)
-        print(
+        log(
             f"epoch {epoch + 1}/{cfg.epochs}  loss {loss:.4f}  train {acc:.2f}%  val {val_acc:.2f}%  "
             f"sparsity-loss {sparsity:.2e}  {history['time'][-1]:.1f}s"
         )
-        if val_acc > best_val:
+        improved = val_acc > best_val
+        if improved:
             best_val, best_epoch = val_acc, epoch
-            save_checkpoint(model, out, "model", epoch=epoch, val_accuracy=val_acc)
-        save_checkpoint(model, out, "last", epoch=epoch)
-        state = {
-            "epoch": epoch,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "history": history,
-            "best_val": best_val,
-            "best_epoch": best_epoch,
-        }
-        atomic_write(state_path, lambda tmp, s=state: torch.save(s, tmp))
+        if env.is_main:
+            if improved:
+                save_checkpoint(model, out, "model", epoch=epoch, val_accuracy=val_acc)
+            save_checkpoint(model, out, "last", epoch=epoch)
+            state = {
+                "epoch": epoch,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "history": history,
+                "best_val": best_val,
+                "best_epoch": best_epoch,
+            }
+            atomic_write(state_path, lambda tmp, s=state: torch.save(s, tmp))
+            log_epoch(out, history, tb, lr=optimizer.param_groups[0]["lr"])
+            if cfg.viz_every and ((epoch + 1) % cfg.viz_every == 0 or epoch + 1 == cfg.epochs):
+                from afmp import viz
+
+                viz.epoch_hook(unwrap(model), data, out, epoch + 1)
+        ddp.barrier()  # the other ranks read these files at the end (and on --resume)
 
     if best_epoch >= 0:
         unwrap(model).load_state_dict(load_file(str(out / "model.safetensors"), device=str(device)))
-    test_acc = evaluate(model, test_loader, device, cfg.amp)
+    test_acc = evaluate(unwrap(model), test_loader, device, cfg.amp)
     peak, peak_source = peak_memory_mb(device)
     results = {
         "model": cfg.model,
@@ -286,12 +352,33 @@ def train(cfg: TrainConfig) -> dict:
         "train_time_s": sum(history["time"]),
         "training_history": history,
     }
-    write_json(out / "results.json", results)
-    print(
+    if env.is_main:
+        write_json(out / "results.json", results)
+    if tb is not None:
+        tb.close()
+    log(
         f"best val {best_val:.2f}% (epoch {best_epoch + 1})  test {test_acc:.2f}%  "
         f"train time {results['train_time_s']:.1f}s  -> {out}"
     )
+    ddp.cleanup()
     return results
+
+
+def log_epoch(out: Path, history: dict, tb, lr: float) -> None:
+    """history.csv (rewritten whole: it is one row per epoch) and, when on, TensorBoard scalars."""
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["epoch", *history])
+            w.writerows([i + 1, *row] for i, row in enumerate(zip(*history.values())))
+
+    atomic_write(out / "history.csv", write)
+    if tb is not None:
+        epoch = len(history["val_acc"])
+        for key, values in history.items():
+            tb.add_scalar(key, values[-1], epoch)
+        tb.add_scalar("lr", lr, epoch)
 
 
 # -- command line -------------------------------------------------------------------------
@@ -320,6 +407,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", choices=["cosine", "plateau"])
     p.add_argument("--warmup-epochs", type=float)
     p.add_argument("--clip-grad", type=float, help="max gradient norm (0: off)")
+    p.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing in [0, 1)")
+    p.add_argument("--mixup-alpha", type=float, help="mixup Beta(alpha, alpha) on image batches (0: off)")
     p.add_argument("--no-amp", dest="amp", action="store_false", default=None, help="no autocast on CUDA")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--seed", type=int)
@@ -339,6 +428,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="continue from the run directory's last checkpoint",
     )
+    p.add_argument("--tensorboard", action="store_true", default=None, help="also log to TensorBoard (out/tb)")
+    p.add_argument("--viz-every", type=int, metavar="K", help="draw gates and sparsity every K epochs (0: off)")
+    p.add_argument(
+        "--auto-batch",
+        action="store_true",
+        default=None,
+        help="on CUDA, lower --batch-size to the largest that fits --memory-budget-mb (the CPU keeps it)",
+    )
+    p.add_argument("--memory-budget-mb", type=float, help="for --auto-batch (default: 90%% of the GPU)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -368,3 +466,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def main(args: argparse.Namespace) -> int:
     train(config_from_args(args))
     return 0
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node=N -m afmp.train ... (same flags as afmp train)
+    import sys
+
+    from afmp.cli import main as cli_main
+
+    sys.exit(cli_main(["train", *sys.argv[1:]]))

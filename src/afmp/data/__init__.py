@@ -56,4 +56,4 @@ def build_dataset(name: str, **options) -> DataBundle:
     return DATASETS[name](**options)
 
 
-from afmp.data import images  # noqa: E402, F401  (registers the image data sets)
+from afmp.data import images, listops, text, vision  # noqa: E402, F401  (register in-memory and on-disk image sets)  # noqa: E402, F401  (register the sequence data sets)

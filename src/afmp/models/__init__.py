@@ -1,3 +1,7 @@
 """Model families; importing this package registers every preset."""
 
-from afmp.models import afmp  # noqa: F401
+from afmp.models import (
+    afmp,  # noqa: F401
+    text,  # noqa: F401, E402
+    vit,  # noqa: F401, E402
+)

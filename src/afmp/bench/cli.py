@@ -1,0 +1,241 @@
+"""`afmp bench [scaling|pareto]`: measure what models cost, and write the numbers and plots.
+
+    afmp bench                                   # a default set for this device
+    afmp bench --models afmp_small,deit_tiny_sdpa --resolutions 64,224,448 --batch-size 64 \\
+        --dtype bfloat16 --device cuda --out bench/paper
+    afmp bench pareto --runs runs/a runs/b --out bench/pareto
+
+Without --models/--resolutions the defaults depend on the device: on the CPU a set
+that finishes in about two minutes on two cores; on a GPU the paper's comparison
+(AFMP-Small against DeiT-Tiny fused, unfused and neighbourhood; 64^2 ... 1280^2,
+batch 64, bf16). The out directory gets scaling.csv, scaling.json, bench_config.json
+and PNGs (pareto: pareto.csv, pareto.json, bench_config.json, pareto.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from afmp.bench import pareto, plots, roofline, scaling
+from afmp.checkpoint import atomic_write, write_json
+
+DEFAULTS = {
+    "cpu": dict(
+        models=["afmp_small", "deit_tiny_sdpa", "deit_tiny_unfused", "vit_natten_flex"],
+        resolutions=[64, 128, 192],
+        batch_size=4,
+        dtype="float32",
+        warmup=1,
+        repeats=3,
+    ),
+    "cuda": dict(
+        models=[
+            "afmp_small",
+            "afmp_small@compile=true",
+            "deit_tiny_sdpa",
+            "deit_tiny_sdpa@compile=true",
+            "deit_tiny_unfused",
+            "vit_natten_flex",
+        ],
+        resolutions=[64, 128, 224, 448, 896, 1280],
+        batch_size=64,
+        dtype="bfloat16",
+        warmup=3,
+        repeats=10,
+    ),
+}
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "study",
+        nargs="?",
+        default="scaling",
+        choices=["scaling", "pareto", "edge"],
+        help="scaling (default) or pareto",
+    )
+    p.add_argument("--models", help="comma-separated specs, e.g. afmp_small@backend=reference,deit_tiny_sdpa")
+    p.add_argument("--resolutions", type=int_list, help="image sizes, e.g. 64,224,448")
+    p.add_argument("--seq-lengths", type=int_list, help="sizes of sequence models (default: --resolutions)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--mode", choices=["train", "infer"], default="train")
+    p.add_argument("--dtype", choices=list(scaling.DTYPES))
+    p.add_argument(
+        "--precision",
+        choices=["autocast", "cast"],
+        default="autocast",
+        help="autocast (fp32 weights, the training recipe) or cast (model and input in --dtype)",
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile every model (or per model: @compile=true)"
+    )
+    p.add_argument("--warmup", type=int, help="untimed steps per model (compilation happens here)")
+    p.add_argument("--repeats", type=int, help="timed steps per model")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument(
+        "--model-opt", action="append", metavar="KEY=VALUE", help="Config field for every model that has it"
+    )
+    p.add_argument("--recalibrate", action="store_true", help="measure the roofline again (else cached)")
+    p.add_argument("--runs", nargs="+", metavar="DIR", help="pareto: training run directories")
+    p.add_argument("--out", help="output directory (default bench/<study>)")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
+    return device
+
+
+def config_from_args(args: argparse.Namespace) -> scaling.BenchConfig:
+    from afmp.train import parse_key_values
+
+    device = resolve_device(args.device)
+    defaults = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+    pick = lambda value, key: defaults[key] if value is None else value  # noqa: E731
+    return scaling.BenchConfig(
+        models=args.models.split(",") if args.models else defaults["models"],
+        resolutions=pick(args.resolutions, "resolutions"),
+        seq_lengths=args.seq_lengths,
+        batch_size=pick(args.batch_size, "batch_size"),
+        mode=args.mode,
+        dtype=pick(args.dtype, "dtype"),
+        precision=args.precision,
+        device=str(device),
+        compile=args.compile,
+        warmup=pick(args.warmup, "warmup"),
+        repeats=pick(args.repeats, "repeats"),
+        num_classes=args.num_classes,
+        model_opts=parse_key_values(args.model_opt),
+        out=args.out or f"bench/{args.study}",
+        recalibrate=args.recalibrate,
+    )
+
+
+def write_table(out: Path, stem: str, rows: list[dict], columns: list[str]) -> None:
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(out / f"{stem}.csv", write_csv)
+    # JSON has no NaN: a missing measurement is null.
+    clean = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
+    write_json(out / f"{stem}.json", clean)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.study == "pareto" and not args.runs:
+        raise ValueError("afmp bench pareto needs --runs DIR [DIR ...] (afmp train output directories)")
+    cfg = config_from_args(args)
+    device = torch.device(cfg.device)
+    out = Path(cfg.out)
+    calib = roofline.load_or_calibrate(device, scaling.DTYPES[cfg.dtype], refresh=cfg.recalibrate)
+    print(
+        f"roofline ({calib['device']}, {calib['dtype']}): {calib['peak_flops_per_s'] / 1e12:.2f} TFLOP/s matmul, "
+        f"{calib['copy_bytes_per_s'] / 1e9:.1f} GB/s copy"
+    )
+    meta = {
+        "study": args.study,
+        "config": dataclasses.asdict(cfg),
+        "calibration": calib,
+        "torch": torch.__version__,
+        "command": sys.argv,
+    }
+    if args.study == "pareto":
+        meta["runs"] = args.runs
+        write_json(out / "bench_config.json", meta)
+        rows = pareto.run_pareto(args.runs, cfg, calib, device)
+        write_table(out, "pareto", rows, pareto.CSV_COLUMNS)
+        panels = [
+            ("matmul_gflops", "GFLOP per image (matmul)"),
+            ("ms_b1", "latency, batch 1 (ms)"),
+            ("ms_b64", "latency, batch 64 (ms)"),
+        ]
+        plots.plot_pareto(rows, out / "pareto.png", panels)
+        print(f"wrote {out}/pareto.csv, pareto.json, pareto.png")
+        return 0
+    if args.study == "edge":
+        return edge_study(cfg, device, out, meta)
+    write_json(out / "bench_config.json", meta)
+    rows = scaling.run_scaling(cfg, calib)
+    write_table(out, "scaling", rows, scaling.COLUMNS)
+    what = f"batch {cfg.batch_size}, {cfg.mode}, {cfg.dtype}, {calib['device']}"
+    plots.plot_against_tokens(rows, "ms_median", "step time (ms)", out / "time_vs_tokens.png", what)
+    plots.plot_against_tokens(rows, "peak_mb", "peak memory (MB)", out / "memory_vs_tokens.png", what)
+    plots.plot_latency_vs_flops(rows, out / "latency_vs_flops.png", calib)
+    print(f"wrote {out}/scaling.csv, scaling.json, bench_config.json, *_vs_*.png")
+    return 0
+
+
+EDGE_COLUMNS = [
+    "resolution",
+    "grid",
+    "tokens",
+    "max_degree",
+    "batch",
+    "d_model",
+    "dtype",
+    "device",
+    "backend",
+    "fwd_ms",
+    "fwd_bwd_ms",
+    "bytes",
+    "gb_per_s",
+    "copy_gb_per_s",
+    "fraction_of_copy",
+    "error",
+]
+
+
+def edge_study(cfg: scaling.BenchConfig, device: torch.device, out: Path, meta: dict) -> int:
+    """AFMP-Small's per-edge stage alone (patch 16, width 512), each backend that can run here:
+    the bytes it must move over its forward+backward time, against the measured copy bandwidth."""
+    from afmp.ops import EDGE_BACKENDS
+    from afmp.ops.edge_bench import edge_stage_bandwidth
+
+    backends = [name for name, be in EDGE_BACKENDS.items() if be.why_not(device) is None]
+    write_json(out / "edge_config.json", {**meta, "backends": backends})
+    rows = []
+    for resolution in cfg.resolutions:
+        for row in edge_stage_bandwidth(
+            cfg.batch_size,
+            resolution // 16,
+            512,
+            scaling.DTYPES[cfg.dtype],
+            device,
+            backends,
+            repeats=cfg.repeats,
+        ):
+            rows.append({"resolution": resolution, **row})
+            print(
+                " ".join(
+                    f"{k}={row.get(k)}"
+                    for k in ("grid", "backend", "fwd_bwd_ms", "gb_per_s", "fraction_of_copy", "error")
+                    if k in row
+                )
+            )
+    write_table(out, "edge", rows, EDGE_COLUMNS)
+    print(f"wrote {out}/edge.csv, edge.json, edge_config.json")
+    return 0

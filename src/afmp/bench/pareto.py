@@ -1,0 +1,79 @@
+"""Accuracy against cost for trained runs: FLOPs and latency at batch 1 (as the paper) and 64.
+
+Each run directory holds results.json (``test_accuracy``), model.json and
+model.safetensors (written by ``afmp train``). Every model is measured in inference
+at its own trained size, with the scaling study's machinery (interleaved timing,
+counted costs), and plotted with its Pareto frontier: a run is on the frontier
+when no other run is both cheaper and more accurate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from afmp.bench import scaling
+from afmp.checkpoint import load_checkpoint
+
+BATCHES = (1, 64)
+CSV_COLUMNS = [
+    "run", "model", "accuracy", "resolution", "tokens", "params", "matmul_gflops", "total_gflops", "gbytes",
+    "ms_b1", "ms_b64", "peak_mb_b64", "oom_b64", "note",
+]  # fmt: skip
+
+
+def read_accuracy(run: Path) -> float:
+    path = run / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run} is not a training run: expected {path.name} (written by afmp train)")
+    results = json.loads(path.read_text())
+    if "test_accuracy" not in results:
+        raise ValueError(
+            f"{path} has no test_accuracy; expected the results.json of a finished afmp train run"
+        )
+    return float(results["test_accuracy"])
+
+
+def loader(run: Path, device):
+    def make() -> scaling.BenchModel:
+        module = load_checkpoint(run, device=device)
+        sized = scaling.size_field(module.model_name)
+        return scaling.registered_bench_model(module, sized, getattr(module.cfg, sized))
+
+    return make
+
+
+def run_pareto(runs: list[str], cfg: scaling.BenchConfig, calib: dict, device, log=print) -> list[dict]:
+    paths = [Path(r) for r in runs]
+    accuracy = {p: read_accuracy(p) for p in paths}
+    measured = {}
+    for batch in BATCHES:
+        bcfg = dataclasses.replace(cfg, batch_size=batch, mode="infer")
+        todo = []
+        for p in paths:
+            spec = json.loads((p / "model.json").read_text())
+            row = scaling.blank_row(
+                p.name, spec["config"].get("img_size", spec["config"].get("max_len")), bcfg
+            )
+            todo.append((row, loader(p, device)))
+        measured[batch] = scaling.bench_one_size(todo, bcfg, calib, device, log)
+    rows = []
+    for p, one, many in zip(paths, measured[1], measured[64]):
+        rows.append(
+            {
+                "run": p.name,
+                "model": json.loads((p / "model.json").read_text())["model"],
+                "accuracy": accuracy[p],
+                **{
+                    k: one[k]
+                    for k in ("resolution", "tokens", "params", "matmul_gflops", "total_gflops", "gbytes")
+                },
+                "ms_b1": one["ms_median"],
+                "ms_b64": many["ms_median"],
+                "peak_mb_b64": many["peak_mb"],
+                "oom_b64": many["oom"],
+                "note": "; ".join(n for n in (one["note"], many["note"]) if n),
+            }
+        )
+    return rows

@@ -1,0 +1,302 @@
+"""afmp bench: exact cost counts on hand-sized ops, the OOM path, the output schema, end to end."""
+
+import csv
+import json
+from dataclasses import dataclass
+from functools import partial
+
+import pytest
+import timm
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import afmp
+import afmp.cli
+from afmp import registry
+from afmp.bench import baselines, cli, counting, plots, roofline, scaling
+from afmp.checkpoint import save_checkpoint, write_json
+
+REQUIRED = (
+    "model resolution tokens batch_size mode dtype device params matmul_gflops total_gflops gbytes "
+    "ms_median ms_min ms_max peak_mb roofline_ms oom"
+).split()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: on a shared CPU, OpenMP's spinning threads make small steps 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fast_calibration(tmp_path, monkeypatch):
+    """A private roofline cache and a calibration that takes milliseconds."""
+    monkeypatch.setenv("AFMP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(roofline, "MATMUL_SIZES", {"cpu": (64,), "cuda": (256,)})
+    monkeypatch.setattr(roofline, "COPY_BYTES", {"cpu": 2**16, "cuda": 2**20})
+    monkeypatch.setattr(roofline, "REPEATS", 2)
+
+
+# -- counting: hand counts ------------------------------------------------------------------
+def test_linear_counts_matmul_flops_and_every_operand_byte():
+    lin = nn.Linear(5, 7)
+    x = torch.randn(3, 5)
+    c = counting.count(lambda: lin(x))
+    assert c.matmul_flops == 2 * 3 * 5 * 7
+    assert c.total_flops == 2 * 3 * 5 * 7  # the bias add is inside addmm, as FlopCounterMode counts it
+    assert c.bytes == 4 * (3 * 5 + 5 * 7 + 7 + 3 * 7)  # input + weight + bias + output, float32
+
+
+def test_gather_counts_one_flop_per_element_gathered():
+    x, idx = torch.randn(10, 4), torch.tensor([0, 3, 3, 9, 1, 2])
+    for gather in (lambda: x.index_select(0, idx), lambda: x[idx]):
+        c = counting.count(gather)
+        assert (c.matmul_flops, c.total_flops) == (0, 6 * 4)
+        assert c.bytes == 4 * 10 * 4 + 8 * 6 + 4 * 6 * 4  # source + int64 index + output
+
+
+def test_index_add_counts_one_flop_per_source_element_and_reads_and_writes_the_target():
+    target, idx, src = torch.zeros(5, 4), torch.tensor([0, 1, 1, 4, 2, 0]), torch.randn(6, 4)
+    c = counting.count(lambda: target.index_add_(0, idx, src))
+    assert (c.matmul_flops, c.total_flops) == (0, 6 * 4)
+    assert c.bytes == 4 * 5 * 4 + 8 * 6 + 4 * 6 * 4 + 4 * 5 * 4  # target read, index, source, target written
+
+
+def test_pointwise_views_and_expanded_inputs():
+    x, row = torch.randn(4, 5), torch.randn(1, 5)
+    c = counting.count(lambda: x + row.expand(4, 5))
+    assert (c.total_flops, c.bytes) == (20, 4 * (20 + 5 + 20))  # the expanded row is read once
+    assert counting.count(lambda: x.t().reshape(5, 4)[1:]).bytes == 0  # views move nothing
+    assert counting.tensor_bytes(torch.zeros(1, 5, dtype=torch.bfloat16).expand(3, 5)) == 10
+
+
+def test_reduction_and_softmax():
+    x = torch.randn(6, 8)
+    assert counting.count(lambda: x.sum(1)).total_flops == 48
+    assert counting.count(lambda: x.softmax(-1)).total_flops == 5 * 48
+
+
+@torch.library.custom_op("afmp_bench_test::twice", mutates_args=())
+def _twice(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+def test_fused_custom_op_costs_its_operands_and_the_flops_registered_for_it(monkeypatch):
+    x = torch.randn(3, 4)
+    c = counting.count(lambda: _twice(x))
+    assert (c.total_flops, c.bytes) == (0, 2 * 4 * 12)  # opaque: its inner mul is not seen
+    monkeypatch.setattr(counting, "CUSTOM_FLOPS", {})  # the registration ends with the test
+    counting.register_flops(torch.ops.afmp_bench_test.twice, lambda x, out: out.numel())
+    assert counting.count(lambda: _twice(x)).total_flops == 12
+
+
+def _deit(fused: bool):
+    torch.manual_seed(0)
+    model, _ = baselines.BASELINES["deit_tiny_sdpa" if fused else "deit_tiny_unfused"](32, 10, "cpu")
+    return model
+
+
+def _train_step(model, x):
+    return lambda: model(x).sum().backward()
+
+
+def test_matmul_flops_agree_with_flop_counter_mode_and_fused_equals_unfused():
+    x = torch.randn(2, 3, 32, 32)
+    fused, unfused = _deit(True), _deit(False)
+    ours = counting.count(_train_step(fused, x))
+    with FlopCounterMode(display=False, custom_mapping=counting.EXTRA_MATMUL) as ref:
+        _train_step(fused, x)()
+    assert ours.matmul_flops == ref.get_total_flops()
+    # The CPU flash kernel counts the unfused path's matmuls, plus the backward's recomputation
+    # of q k^T: one (B, H, N, N, d) matmul per layer (12 layers, B 2, 3 heads, N 5 tokens, d 64).
+    recompute = 12 * 2 * 2 * 3 * 5 * 5 * 64
+    assert ours.matmul_flops - counting.count(_train_step(unfused, x)).matmul_flops == recompute
+    assert ours.total_flops > ours.matmul_flops > 0
+
+
+def _config(**kw):
+    base = dict(models=["afmp_tiny"], resolutions=[32], batch_size=3, repeats=1, warmup=0, device="cpu")
+    return scaling.BenchConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("name", ["afmp_tiny", "deit_tiny_sdpa"])
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_batch_extrapolation_is_exact(name, mode):
+    cfg = _config(mode=mode)
+    bm = scaling.build(scaling.parse_spec(name), 32, 10, {}, torch.device("cpu"))
+    bm.module.train(mode == "train")
+
+    def make(b):
+        return partial(
+            scaling.make_step(bm, bm.module, cfg, torch.device("cpu")), scaling.make_input(bm, b, cfg)
+        )
+
+    direct, extrapolated = counting.count(make(5)), counting.count_step(make, 5)
+    assert (direct.matmul_flops, direct.total_flops, direct.bytes) == (
+        extrapolated.matmul_flops,
+        extrapolated.total_flops,
+        extrapolated.bytes,
+    )
+
+
+# -- specs, baselines --------------------------------------------------------------------------
+def test_model_specs():
+    spec = scaling.parse_spec("afmp_tiny@sparsity=0@compile=true")
+    assert (spec.name, spec.options, spec.compile) == ("afmp_tiny", {"sparsity": 0}, True)
+    assert scaling.parse_spec("vit_natten_flex@window=9").options == {"window": 9}
+    with pytest.raises(ValueError, match="unknown model"):
+        scaling.parse_spec("no_such_model")
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        scaling.parse_spec("afmp_tiny@sparsity")
+    with pytest.raises(ValueError, match="unknown option"):
+        scaling.build(scaling.parse_spec("afmp_tiny@nonsense=1"), 32, 10, {}, torch.device("cpu"))
+
+
+def test_neighbourhood_mask_is_natten_window():
+    h, w, k = 4, 5, 3
+    idx = torch.arange(h * w)
+    mask = baselines.neighbourhood_mask_mod(h, w, k)(0, 0, idx[:, None], idx[None, :])
+    assert mask.sum(1).tolist() == [k * k] * (h * w)  # the window shifts inwards at the borders
+    assert idx[mask[0]].tolist() == [0, 1, 2, 5, 6, 7, 10, 11, 12]  # corner (0, 0): rows 0-2, cols 0-2
+    assert idx[mask[7]].tolist() == [1, 2, 3, 6, 7, 8, 11, 12, 13]  # (1, 2): centred
+
+
+def test_deit_baselines_switch_timm_attention():
+    assert all(b.attn.fused_attn for b in _deit(True).blocks)
+    assert not any(b.attn.fused_attn for b in _deit(False).blocks)
+    assert isinstance(_deit(True), timm.models.vision_transformer.VisionTransformer)
+
+
+# -- the study ---------------------------------------------------------------------------------
+class _OOMAfter(nn.Module):
+    """A model whose forward raises CUDA's out-of-memory error from call ``after`` on."""
+
+    def __init__(self, after: int):
+        super().__init__()
+        self.lin, self.calls, self.after = nn.Linear(3, 10), 0, after
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls > self.after:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        return self.lin(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("after", [0, 2])  # 0: while counting; 2: while timing (count 1, memory 1)
+def test_out_of_memory_is_a_row_and_the_run_goes_on(monkeypatch, after):
+    monkeypatch.setitem(scaling.BASELINES, "oom_model", lambda size, nc, device: (_OOMAfter(after), 4))
+    cfg = _config(models=["oom_model", "afmp_tiny"], resolutions=[32, 64], repeats=2)
+    rows = scaling.run_scaling(cfg, roofline.load_or_calibrate(torch.device("cpu"), torch.float32))
+    assert [(r["model"], r["resolution"]) for r in rows] == [
+        ("oom_model", 32),
+        ("afmp_tiny", 32),
+        ("oom_model", 64),
+        ("afmp_tiny", 64),
+    ]
+    for r in rows:
+        if r["model"] == "oom_model":
+            assert r["oom"] is True and r["note"] == "out of memory" and r["ms_median"] != r["ms_median"]
+        else:
+            assert r["oom"] is False and r["ms_median"] > 0 and r["repeats"] == 2
+
+
+@dataclass
+class _SeqConfig:
+    max_len: int = 16
+    vocab_size: int = 11
+    num_classes: int = 3
+
+
+class _TinySeq(nn.Module):
+    """A sequence model as the text helpers register them: example_input(batch, length)."""
+
+    Config = _SeqConfig
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.emb, self.head = nn.Embedding(cfg.vocab_size, 8), nn.Linear(8, cfg.num_classes)
+
+    def forward(self, x, return_aux=False):
+        logits = self.head(self.emb(x).mean(1))
+        return (logits, {}) if return_aux else logits
+
+    def example_input(self, batch_size=2, size=None):
+        return torch.randint(0, self.cfg.vocab_size, (batch_size, size or self.cfg.max_len))
+
+
+def test_sequence_models_scale_through_max_len(monkeypatch):
+    monkeypatch.setitem(registry._MODELS, "tiny_seq_bench", (_TinySeq, {}))
+    cfg = _config(models=["tiny_seq_bench", "afmp_tiny"], resolutions=[32], seq_lengths=[8, 24])
+    rows = scaling.run_scaling(cfg, roofline.load_or_calibrate(torch.device("cpu"), torch.float32))
+    seq = [(r["resolution"], r["tokens"]) for r in rows if r["model"] == "tiny_seq_bench"]
+    assert seq == [(8, 8), (24, 24)]
+    assert [(r["resolution"], r["tokens"]) for r in rows if r["model"] == "afmp_tiny"] == [(32, 16)]
+    assert all(r["note"] == "" and r["total_gflops"] > 0 for r in rows)
+
+
+def test_bench_end_to_end_writes_every_file(tmp_path):
+    out = tmp_path / "bench"
+    argv = ["bench", "--models", "afmp_tiny,deit_tiny_unfused", "--resolutions", "32,64", "--batch-size", "2"]
+    argv += ["--repeats", "2", "--warmup", "1", "--device", "cpu", "--out", str(out)]
+    assert afmp.cli.main(argv) == 0
+    for name in ("scaling.csv", "scaling.json", "bench_config.json", "time_vs_tokens.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "memory_vs_tokens.png").exists() and (out / "latency_vs_flops.png").exists()
+    with open(out / "scaling.csv") as f:
+        reader = csv.DictReader(f)
+        assert set(REQUIRED) <= set(reader.fieldnames)
+        rows = list(reader)
+    assert [(r["model"], r["resolution"], r["tokens"]) for r in rows] == [
+        ("afmp_tiny", "32", "16"),
+        ("deit_tiny_unfused", "32", "4"),
+        ("afmp_tiny", "64", "64"),
+        ("deit_tiny_unfused", "64", "16"),
+    ]
+    records = json.loads((out / "scaling.json").read_text())
+    assert [r["model"] for r in records] == [r["model"] for r in rows]
+    for r in records:
+        assert r["oom"] is False and r["ms_min"] <= r["ms_median"] <= r["ms_max"]
+        assert r["roofline_ms"] > 0 and r["total_gflops"] >= r["matmul_gflops"] > 0 and r["gbytes"] > 0
+        assert r["params"] > 0 and r["peak_source"] in ("rss_hwm_delta", "unavailable")
+    config = json.loads((out / "bench_config.json").read_text())
+    assert config["config"]["resolutions"] == [32, 64] and config["calibration"]["peak_flops_per_s"] > 0
+
+
+def test_bench_rejects_bad_input(tmp_path, capsys):
+    assert afmp.cli.main(["bench", "--models", "nope", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="mode"):
+        _config(mode="backward")
+
+
+# -- pareto ------------------------------------------------------------------------------------
+def test_pareto_front_and_exponent():
+    points = [(1.0, 50.0), (2.0, 40.0), (3.0, 60.0), (0.5, 30.0), (3.0, 55.0)]
+    assert plots.pareto_front(points) == [3, 0, 2]
+    assert plots.scaling_exponent([1, 2, 4, 8], [3 * x**2 for x in (1, 2, 4, 8)]) == pytest.approx(2.0)
+
+
+def test_pareto_end_to_end(tmp_path):
+    runs = []
+    for name, acc in (("dense", 61.5), ("sparse", 60.0)):
+        model = afmp.create_model("afmp_tiny_dense" if name == "dense" else "afmp_tiny", num_classes=10)
+        save_checkpoint(model, tmp_path / name)
+        write_json(tmp_path / name / "results.json", {"test_accuracy": acc})
+        runs.append(str(tmp_path / name))
+    out = tmp_path / "pareto"
+    argv = ["bench", "pareto", "--runs", *runs, "--repeats", "1", "--warmup", "0", "--device", "cpu"]
+    assert afmp.cli.main([*argv, "--out", str(out)]) == 0
+    with open(out / "pareto.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["run"], float(r["accuracy"])) for r in rows] == [("dense", 61.5), ("sparse", 60.0)]
+    assert all(
+        float(r["ms_b1"]) > 0 and float(r["ms_b64"]) > 0 and float(r["matmul_gflops"]) > 0 for r in rows
+    )
+    assert (out / "pareto.png").stat().st_size > 0
+    with pytest.raises(FileNotFoundError, match="results.json"):
+        cli.pareto.read_accuracy(tmp_path)
