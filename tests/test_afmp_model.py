@@ -57,8 +57,9 @@ pos = torch.tensor(scaffold.grid_positions(3, 4))
 @pytest.mark.parametrize("sparsity", [0.0, 0.3])
 def test_per_token_formulation_equals_per_edge_computation(with_prediction, sparsity):
     torch.manual_seed(0)
-    model = afmp.create_model("afmp_tiny", img_size=12, patch_size=3, d_model=16, k_dim=8, score_hidden=8,
-                              sparsity=sparsity).double()
+    model = afmp.create_model(
+        "afmp_tiny", img_size=12, patch_size=3, d_model=16, k_dim=8, score_hidden=8, sparsity=sparsity
+    ).double()
     layer = model.layers[1 if with_prediction else 0]
     sc = scaffold.delaunay_grid(3, 4)
     h = torch.randn(2, 12, 16, dtype=torch.float64)

@@ -300,3 +300,20 @@ def test_pareto_end_to_end(tmp_path):
     assert (out / "pareto.png").stat().st_size > 0
     with pytest.raises(FileNotFoundError, match="results.json"):
         cli.pareto.read_accuracy(tmp_path)
+
+
+def test_edge_study_writes_the_stage_bandwidth_per_backend(tmp_path):
+    from afmp.ops.edge_bench import edge_stage_bytes
+
+    out = tmp_path / "edge"
+    argv = ["bench", "edge", "--device", "cpu", "--resolutions", "48", "--batch-size", "2", "--repeats", "1"]
+    assert afmp.cli.main([*argv, "--out", str(out)]) == 0
+    with open(out / "edge.csv") as f:
+        rows = list(csv.DictReader(f))
+    # Every backend that can run here: the reference, and triton where its interpreter is on.
+    assert rows[0]["backend"] == "reference" and len(rows) == len({r["backend"] for r in rows})
+    for row in rows:
+        assert (row["grid"], row["tokens"], row["resolution"]) == ("3x3", "9", "48")
+        expected = edge_stage_bytes(2, 9, int(row["max_degree"]), 512, 64, 64, 4)
+        assert int(row["bytes"]) == expected and float(row["fwd_bwd_ms"]) > 0
+        assert float(row["gb_per_s"]) == pytest.approx(expected / float(row["fwd_bwd_ms"]) * 1e-6, rel=1e-6)

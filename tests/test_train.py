@@ -15,8 +15,16 @@ def test_train_writes_results_weights_and_config(tmp_path):
     results = train(TrainConfig(model="afmp_tiny", epochs=2, out=str(tmp_path), **TINY))
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["test_accuracy"] == results["test_accuracy"]
-    for key in ("model", "dataset", "config", "params", "best_val_accuracy", "test_accuracy", "peak_memory_mb",
-                "training_history"):
+    for key in (
+        "model",
+        "dataset",
+        "config",
+        "params",
+        "best_val_accuracy",
+        "test_accuracy",
+        "peak_memory_mb",
+        "training_history",
+    ):
         assert key in on_disk
     history = on_disk["training_history"]
     assert set(history) == {"train_loss", "train_acc", "val_acc", "sparsity_loss", "time"}
@@ -52,8 +60,10 @@ def test_patch_size_keeps_the_presets_token_grid():
 
 def test_cli_yaml_config_and_model_options(tmp_path, capsys):
     config = tmp_path / "run.yaml"
-    config.write_text("model: afmp_tiny\ndataset: synthetic\nepochs: 5\nmodel_opts: {sparsity: 0.5}\n"
-                      "data_opts: {num_samples: 48, img_size: 16}\nbatch_size: 16\n")
+    config.write_text(
+        "model: afmp_tiny\ndataset: synthetic\nepochs: 5\nmodel_opts: {sparsity: 0.5}\n"
+        "data_opts: {num_samples: 48, img_size: 16}\nbatch_size: 16\n"
+    )
     out = tmp_path / "run"
     code = cli.main(
         ["train", "--config", str(config), "--epochs", "1", "--out", str(out), "-o", "use_top_down=false"]

@@ -16,7 +16,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("afmp.train", "train a registered model on a data set"),
     "eval": ("afmp.evaluate", "evaluate a checkpoint: confusion matrix and per-class accuracy"),
     "compare": ("afmp.commands.compare", "one table of runs: params, FLOPs, latency, accuracy"),
-    "bench": ("afmp.bench.cli", "measure time, memory, FLOPs and bytes as models scale; Pareto of trained runs"),
+    "bench": (
+        "afmp.bench.cli",
+        "measure time, memory, FLOPs and bytes as models scale; Pareto of trained runs",
+    ),
     "ablate": ("afmp.ablate", "run an ablation study (sparsity, lambda, topdown) over seeds"),
     "viz": ("afmp.viz", "draw a trained model's gates: graph over images, sparsity, histogram"),
     "listops": ("afmp.commands.listops", "write LRA ListOps files (afmp listops generate --out DIR)"),

@@ -1,9 +1,20 @@
-"""Blocks shared by the image models: patch embedding and input checks."""
+"""Blocks shared by the models: the classifier interface, patch embedding, input checks."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+
+class ClassifierMixin:
+    """timm's classifier interface, for a model whose linear head is ``self.head``."""
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = self.cfg.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
 
 def check_image_batch(x: torch.Tensor, in_chans: int, patch_size: int) -> None:

@@ -237,7 +237,9 @@ def train(cfg: TrainConfig) -> dict:
     params = sum(p.numel() for p in model.parameters())
     resolved = {**dataclasses.asdict(cfg), "resolved_model": model_spec(model)}
     if env.is_main:
-        atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(resolved, sort_keys=False)))
+        atomic_write(
+            out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        )
 
     def loader(split, sampler):
         return DataLoader(
@@ -428,8 +430,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="continue from the run directory's last checkpoint",
     )
-    p.add_argument("--tensorboard", action="store_true", default=None, help="also log to TensorBoard (out/tb)")
-    p.add_argument("--viz-every", type=int, metavar="K", help="draw gates and sparsity every K epochs (0: off)")
+    p.add_argument(
+        "--tensorboard", action="store_true", default=None, help="also log to TensorBoard (out/tb)"
+    )
+    p.add_argument(
+        "--viz-every", type=int, metavar="K", help="draw gates and sparsity every K epochs (0: off)"
+    )
     p.add_argument(
         "--auto-batch",
         action="store_true",

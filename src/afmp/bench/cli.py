@@ -98,17 +98,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output directory (default bench/<study>)")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
-    return device
-
-
 def config_from_args(args: argparse.Namespace) -> scaling.BenchConfig:
-    from afmp.train import parse_key_values
+    from afmp.train import parse_key_values, resolve_device
 
     device = resolve_device(args.device)
     defaults = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]

@@ -29,6 +29,9 @@ def by_model(rows) -> dict[str, list[dict]]:
     return groups
 
 
+FIT_POINTS = 3  # sizes the scaling exponent is fitted on (the largest measured)
+
+
 def scaling_exponent(xs, ys) -> float:
     """Slope of log y against log x (least squares); NaN with fewer than two distinct x."""
     if len(set(xs)) < 2:
@@ -50,8 +53,15 @@ def plot_against_tokens(rows, key: str, ylabel: str, path: Path, title: str) -> 
         if not pts:
             continue
         xs, ys = [r["tokens"] for r in pts], [r[key] for r in pts]
-        k = scaling_exponent(xs, ys)
-        label = f"{model} (∝ N^{k:.2f})" if math.isfinite(k) else model
+        # Fit the largest sizes only: at small N a GPU step is launch-bound and flat, which
+        # would drag every exponent towards 0 and hide the regime the comparison is about.
+        fit = slice(-FIT_POINTS, None)
+        k = scaling_exponent(xs[fit], ys[fit])
+        label = (
+            f"{model} (∝ N^{k:.2f} over the {min(FIT_POINTS, len(xs))} largest)"
+            if math.isfinite(k)
+            else model
+        )
         (line,) = ax.plot(xs, ys, "o-", label=label)
         for r in group:  # out of memory: an x at the top of the axes
             if r["oom"] and isinstance(r["tokens"], (int, float)) and math.isfinite(r["tokens"]):

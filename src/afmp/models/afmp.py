@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from afmp import scaffold as scaffolds
-from afmp.layers import PatchEmbed, check_image_batch, grid_centres
+from afmp.layers import ClassifierMixin, PatchEmbed, check_image_batch, grid_centres
 from afmp.ops import edge_backend_names, select_edge_backend
 from afmp.ops.edge import topk_keep
 from afmp.registry import register_model
@@ -29,9 +29,19 @@ from afmp.registry import register_model
 class RouterPCULayer(nn.Module):
     """One AFMP layer: predictive router (scores, per-image top-k, gates) and PCU update."""
 
-    def __init__(self, *, d_model: int, k_dim: int, score_hidden: int, sparsity: float, predictive: bool):
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        k_dim: int,
+        score_hidden: int,
+        sparsity: float,
+        predictive: bool,
+        pre_norm: bool,
+    ):
         super().__init__()
         self.sparsity = sparsity
+        self.norm = nn.LayerNorm(d_model) if pre_norm else nn.Identity()
         self.split = (d_model, d_model, k_dim, k_dim, score_hidden, score_hidden)
         # [W_self | W_msg | W_q | W_k | A | B]: A and B are v's first layer on h_i and h_j.
         self.proj = nn.Linear(d_model, sum(self.split))
@@ -49,6 +59,7 @@ class RouterPCULayer(nn.Module):
     def forward(self, h, t, graph, backend):
         nbr, mask, length, num_edges, *rest = graph
         reverse = rest[0] if rest else None  # the scaffold's reverse slots; kernels recompute them if absent
+        h = self.norm(h)
         h_self, m, q, k, a, b = self.proj(h).split(self.split, dim=-1)
         p = self.pred(t) if self.pred is not None else None
         s = backend.edge_scores(
@@ -73,7 +84,7 @@ class RouterPCULayer(nn.Module):
         return F.gelu(h_self + agg), gate_mean
 
 
-class AFMP(nn.Module):
+class AFMP(ClassifierMixin, nn.Module):
     @dataclass
     class Config:
         img_size: int = 32
@@ -88,6 +99,7 @@ class AFMP(nn.Module):
         lambda_sparse: float = 1e-4
         use_top_down: bool = True
         readout_norm: bool = True  # LayerNorm on the pooled state before the linear head
+        pre_norm: bool = False  # LayerNorm on each layer's input states
         scaffold: str = "delaunay"
         backend: str = "auto"  # per-edge stage: see afmp.ops
 
@@ -134,6 +146,7 @@ class AFMP(nn.Module):
                 score_hidden=cfg.score_hidden,
                 sparsity=cfg.sparsity,
                 predictive=l > 0,  # layer 1 has no output of layer l-2 to predict from
+                pre_norm=cfg.pre_norm,
             )
             for l in range(cfg.num_layers)
         )
@@ -216,13 +229,6 @@ class AFMP(nn.Module):
         """A random input batch of the shape this model takes (``size``: image side)."""
         size = size or self.cfg.img_size
         return torch.randn(batch_size, self.cfg.in_chans, size, size, device=self.head.weight.device)
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = self.cfg.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
 
 register_model(

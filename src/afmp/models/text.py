@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from afmp.layers import ClassifierMixin
 from afmp.registry import register_model
 
 PAD_ID = 0
@@ -58,7 +59,7 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-class TextClassifier(nn.Module):
+class TextClassifier(ClassifierMixin, nn.Module):
     """Token embedding, masked mean pooling and a two-layer head; subclasses define the mixing.
 
     A subclass's ``forward_features(x, return_aux)`` returns the (B, L, D) states and
@@ -95,13 +96,6 @@ class TextClassifier(nn.Module):
         """Random token ids (B, size), no padding; ``size`` is the sequence length (default 64)."""
         size = size or min(64, self.cfg.max_len)
         return torch.randint(1, self.cfg.vocab_size, (batch_size, size), device=self.head.weight.device)
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = self.cfg.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
 
 def _check_positive(cfg, names) -> None:

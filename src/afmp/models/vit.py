@@ -24,7 +24,7 @@ import torch
 from timm.layers import DropPath, Mlp, resample_abs_pos_embed, trunc_normal_
 from torch import nn
 
-from afmp.layers import PatchEmbed, check_image_batch
+from afmp.layers import ClassifierMixin, PatchEmbed, check_image_batch
 from afmp.models.linear_attention import (
     BolyaHydraAttention,
     HydraAttention,
@@ -70,7 +70,7 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(ClassifierMixin, nn.Module):
     @dataclass
     class Config:
         img_size: int = 32
@@ -172,13 +172,6 @@ class VisionTransformer(nn.Module):
         """A random input batch of the shape this model takes (``size``: image side)."""
         size = size or self.cfg.img_size
         return torch.randn(batch_size, self.cfg.in_chans, size, size, device=self.pos_embed.device)
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = self.cfg.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
 
 def _init_weights(module: nn.Module) -> None:
