@@ -37,11 +37,9 @@ class RouterPCULayer(nn.Module):
         score_hidden: int,
         sparsity: float,
         predictive: bool,
-        pre_norm: bool,
     ):
         super().__init__()
         self.sparsity = sparsity
-        self.norm = nn.LayerNorm(d_model) if pre_norm else nn.Identity()
         self.split = (d_model, d_model, k_dim, k_dim, score_hidden, score_hidden)
         # [W_self | W_msg | W_q | W_k | A | B]: A and B are v's first layer on h_i and h_j.
         self.proj = nn.Linear(d_model, sum(self.split))
@@ -59,7 +57,6 @@ class RouterPCULayer(nn.Module):
     def forward(self, h, t, graph, backend):
         nbr, mask, length, num_edges, *rest = graph
         reverse = rest[0] if rest else None  # the scaffold's reverse slots; kernels recompute them if absent
-        h = self.norm(h)
         h_self, m, q, k, a, b = self.proj(h).split(self.split, dim=-1)
         p = self.pred(t) if self.pred is not None else None
         s = backend.edge_scores(
@@ -99,7 +96,6 @@ class AFMP(ClassifierMixin, nn.Module):
         lambda_sparse: float = 1e-4
         use_top_down: bool = True
         readout_norm: bool = True  # LayerNorm on the pooled state before the linear head
-        pre_norm: bool = False  # LayerNorm on each layer's input states
         scaffold: str = "delaunay"
         backend: str = "auto"  # per-edge stage: see afmp.ops
 
@@ -146,7 +142,6 @@ class AFMP(ClassifierMixin, nn.Module):
                 score_hidden=cfg.score_hidden,
                 sparsity=cfg.sparsity,
                 predictive=l > 0,  # layer 1 has no output of layer l-2 to predict from
-                pre_norm=cfg.pre_norm,
             )
             for l in range(cfg.num_layers)
         )
