@@ -71,6 +71,14 @@ def create_model(name: str, **overrides) -> nn.Module:
     return model
 
 
+def check_positive_ints(cfg, *names: str) -> None:
+    """For a Config's ``__post_init__``: each named field must be an int >= 1 (a bool is not)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def _check_keys(name: str, model_cls: type[nn.Module], kwargs: dict) -> None:
     valid = config_fields(model_cls)
     unknown = sorted(set(kwargs) - set(valid))

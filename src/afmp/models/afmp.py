@@ -23,7 +23,7 @@ from afmp import scaffold as scaffolds
 from afmp.layers import ClassifierMixin, PatchEmbed, check_image_batch, grid_centres
 from afmp.ops import edge_backend_names, select_edge_backend
 from afmp.ops.edge import topk_keep
-from afmp.registry import register_model
+from afmp.registry import check_positive_ints, register_model
 
 
 class RouterPCULayer(nn.Module):
@@ -100,7 +100,8 @@ class AFMP(ClassifierMixin, nn.Module):
         backend: str = "auto"  # per-edge stage: see afmp.ops
 
         def __post_init__(self):
-            for name in (
+            check_positive_ints(
+                self,
                 "img_size",
                 "patch_size",
                 "in_chans",
@@ -109,10 +110,7 @@ class AFMP(ClassifierMixin, nn.Module):
                 "d_model",
                 "k_dim",
                 "score_hidden",
-            ):
-                value = getattr(self, name)
-                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            )
             if self.img_size % self.patch_size:
                 raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
             if not 0.0 <= self.sparsity < 1.0:

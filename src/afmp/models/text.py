@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from afmp.layers import ClassifierMixin
-from afmp.registry import register_model
+from afmp.registry import check_positive_ints, register_model
 
 PAD_ID = 0
 
@@ -99,10 +99,7 @@ class TextClassifier(ClassifierMixin, nn.Module):
 
 
 def _check_positive(cfg, names) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    check_positive_ints(cfg, *names)
     if cfg.vocab_size < 2:
         raise ValueError(f"vocab_size must be >= 2 (id 0 is padding), got {cfg.vocab_size}")
     if not 0.0 <= cfg.dropout < 1.0:

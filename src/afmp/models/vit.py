@@ -32,7 +32,7 @@ from afmp.models.linear_attention import (
     SoftmaxAttention,
 )
 from afmp.ops.linear_attention import linear_attention_backend_names
-from afmp.registry import register_model
+from afmp.registry import check_positive_ints, register_model
 
 ATTENTIONS = ("softmax", "ripple", "hydra", "hydra_bolya")
 
@@ -88,7 +88,8 @@ class VisionTransformer(ClassifierMixin, nn.Module):
         backend: str = "auto"  # linear attention: see afmp.ops.linear_attention
 
         def __post_init__(self):
-            for name in (
+            check_positive_ints(
+                self,
                 "img_size",
                 "patch_size",
                 "in_chans",
@@ -98,10 +99,7 @@ class VisionTransformer(ClassifierMixin, nn.Module):
                 "num_heads",
                 "ripple_stages",
                 "hydra_branches",
-            ):
-                value = getattr(self, name)
-                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            )
             if self.img_size % self.patch_size:
                 raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
             if self.embed_dim % self.num_heads:
