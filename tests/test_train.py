@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 
 import afmp
 from afmp import cli
+from afmp.ema import WeightEMA
 from afmp.train import TrainConfig, model_args_for_data, train
 
 TINY = dict(dataset="synthetic", data_opts={"num_samples": 96, "img_size": 16}, batch_size=16, lr=3e-3)
@@ -81,3 +82,35 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
     assert "KEY=VALUE" in capsys.readouterr().err
     assert cli.main(["models"]) == 0
     assert "afmp_tiny" in capsys.readouterr().out
+
+
+def test_weight_ema_is_the_running_average_of_the_weights():
+    model = torch.nn.Linear(3, 2)
+    ema = WeightEMA(model, decay=0.75)
+    expected = [p.detach().clone() for p in model.parameters()]
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model)
+        expected = [0.75 * e + 0.25 * p.detach() for e, p in zip(expected, model.parameters())]
+    for e, got in zip(expected, ema.module.parameters()):
+        torch.testing.assert_close(got, e)
+        assert not got.requires_grad
+    with pytest.raises(ValueError, match="EMA decay must be in"):
+        WeightEMA(model, decay=1.0)
+
+
+def test_train_with_ema_saves_the_average_and_resumes_exactly(tmp_path):
+    opts = dict(model="afmp_tiny", ema_decay=0.9, **TINY)
+    straight = tmp_path / "straight"
+    results = train(TrainConfig(epochs=3, out=str(straight), **opts))
+    broken = tmp_path / "broken"
+    train(TrainConfig(epochs=1, out=str(broken), **opts))
+    train(TrainConfig(epochs=3, out=str(broken), resume=True, **opts))
+    hb = json.loads((broken / "results.json").read_text())
+    assert hb["training_history"]["val_acc"] == results["training_history"]["val_acc"]
+    assert hb["test_accuracy"] == results["test_accuracy"]
+    # model.safetensors holds the average, last.safetensors the raw weights (for --resume).
+    best, last = load_file(str(straight / "model.safetensors")), load_file(str(straight / "last.safetensors"))
+    assert any(not torch.equal(best[k], last[k]) for k in best)

@@ -39,6 +39,7 @@ from afmp import batch_size as batch_sizing
 from afmp import distributed as ddp
 from afmp.checkpoint import atomic_write, model_spec, save_checkpoint, unwrap, write_json
 from afmp.data import build_dataset
+from afmp.ema import WeightEMA
 from afmp.registry import config_fields, create_model, model_entry
 
 
@@ -58,6 +59,7 @@ class TrainConfig:
     clip_grad: float = 1.0  # max gradient norm; 0 turns clipping off
     label_smoothing: float = 0.0  # cross-entropy target smoothing, in [0, 1)
     mixup_alpha: float = 0.0  # mixup's Beta(alpha, alpha) blend of image batches; 0 = off
+    ema_decay: float = 0.0  # weight EMA (afmp.ema): validated, tested and saved instead; 0 = off
     amp: bool = True  # bf16/fp16 autocast on CUDA; ignored on the CPU
     device: str = "auto"
     seed: int = 0
@@ -155,7 +157,7 @@ def mixup(inputs, labels, alpha: float):
     return lam * inputs + (1 - lam) * inputs[perm], labels[perm], lam
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, device, desc):
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, device, desc, ema=None):
     model.train()
     totals = {"loss": 0.0, "correct": 0, "seen": 0, "sparsity": 0.0}
     for inputs, labels in tqdm(loader, desc=desc, leave=False, disable=None):
@@ -177,6 +179,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, device, de
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         scaler.step(optimizer)
         scaler.update()
+        if ema is not None:
+            ema.update(unwrap(model))
         if cfg.scheduler == "cosine":
             scheduler.step()
         n = labels.shape[0]
@@ -233,7 +237,10 @@ def train(cfg: TrainConfig) -> dict:
             autocast=lambda: autocast(device, cfg.amp),
         )
         cfg = dataclasses.replace(cfg, batch_size=found)
+    ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay else None
     model = ddp.wrap(model, env, device)
+    # What is validated, tested and saved as model.safetensors: the average when there is one.
+    final = ema.module if ema is not None else unwrap(model)
     params = sum(p.numel() for p in model.parameters())
     resolved = {**dataclasses.asdict(cfg), "resolved_model": model_spec(model)}
     if env.is_main:
@@ -272,6 +279,8 @@ def train(cfg: TrainConfig) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         history, best_val, best_epoch = state["history"], state["best_val"], state["best_epoch"]
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         start_epoch = state["epoch"] + 1
         print(f"resuming {out} at epoch {start_epoch + 1}")
     if device.type == "cuda":
@@ -302,8 +311,9 @@ def train(cfg: TrainConfig) -> dict:
             cfg,
             device,
             f"epoch {epoch + 1}/{cfg.epochs}",
+            ema,
         )
-        val_acc = evaluate(unwrap(model), val_loader, device, cfg.amp)
+        val_acc = evaluate(final, val_loader, device, cfg.amp)
         if cfg.scheduler == "plateau":
             scheduler.step(val_acc)
         for key, value in zip(history, (loss, acc, val_acc, sparsity, time.perf_counter() - started)):
@@ -317,7 +327,7 @@ def train(cfg: TrainConfig) -> dict:
             best_val, best_epoch = val_acc, epoch
         if env.is_main:
             if improved:
-                save_checkpoint(model, out, "model", epoch=epoch, val_accuracy=val_acc)
+                save_checkpoint(final, out, "model", epoch=epoch, val_accuracy=val_acc)
             save_checkpoint(model, out, "last", epoch=epoch)
             state = {
                 "epoch": epoch,
@@ -327,18 +337,19 @@ def train(cfg: TrainConfig) -> dict:
                 "history": history,
                 "best_val": best_val,
                 "best_epoch": best_epoch,
+                **({"ema": ema.state_dict()} if ema is not None else {}),
             }
             atomic_write(state_path, lambda tmp, s=state: torch.save(s, tmp))
             log_epoch(out, history, tb, lr=optimizer.param_groups[0]["lr"])
             if cfg.viz_every and ((epoch + 1) % cfg.viz_every == 0 or epoch + 1 == cfg.epochs):
                 from afmp import viz
 
-                viz.epoch_hook(unwrap(model), data, out, epoch + 1)
+                viz.epoch_hook(final, data, out, epoch + 1)
         ddp.barrier()  # the other ranks read these files at the end (and on --resume)
 
     if best_epoch >= 0:
-        unwrap(model).load_state_dict(load_file(str(out / "model.safetensors"), device=str(device)))
-    test_acc = evaluate(unwrap(model), test_loader, device, cfg.amp)
+        final.load_state_dict(load_file(str(out / "model.safetensors"), device=str(device)))
+    test_acc = evaluate(final, test_loader, device, cfg.amp)
     peak, peak_source = peak_memory_mb(device)
     results = {
         "model": cfg.model,
@@ -411,6 +422,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-grad", type=float, help="max gradient norm (0: off)")
     p.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing in [0, 1)")
     p.add_argument("--mixup-alpha", type=float, help="mixup Beta(alpha, alpha) on image batches (0: off)")
+    p.add_argument(
+        "--ema-decay", type=float, help="keep an EMA of the weights (e.g. 0.99) and evaluate it (0: off)"
+    )
     p.add_argument("--no-amp", dest="amp", action="store_false", default=None, help="no autocast on CUDA")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--seed", type=int)

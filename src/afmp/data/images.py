@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -11,28 +13,68 @@ from afmp.data import DataBundle, register_dataset
 
 
 class TensorImages(Dataset):
-    """Normalised (N, C, H, W) images with labels; training copies get crop-and-flip augmentation."""
+    """Normalised (N, C, H, W) images with labels; training copies get augmentation:
+    a random rotation by up to ``degrees`` and zoom by up to ``scale`` (bilinear), a random
+    crop after ``crop_padding`` pixels of padding (a shift), a horizontal ``flip``.
+
+    Whatever comes in from outside the image is ``fill`` (per channel): the normalised
+    value of a raw 0, so it is background, as torchvision's transforms give when they
+    run before Normalize.
+    """
 
     def __init__(
-        self, images: torch.Tensor, labels: torch.Tensor, *, crop_padding: int = 0, flip: bool = False
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        crop_padding: int = 0,
+        flip: bool = False,
+        degrees: float = 0.0,
+        scale: float = 0.0,
+        fill: torch.Tensor | None = None,
     ):
+        if crop_padding < 0 or degrees < 0 or not 0 <= scale < 1:
+            raise ValueError(
+                f"expected crop_padding >= 0, degrees >= 0 and scale in [0, 1); "
+                f"got {crop_padding}, {degrees}, {scale}"
+            )
         self.images, self.labels = images, labels
-        self.crop_padding, self.flip = crop_padding, flip
+        self.crop_padding, self.flip, self.degrees, self.scale = crop_padding, flip, degrees, scale
+        self.fill = (
+            torch.zeros(images.shape[1]) if fill is None else torch.as_tensor(fill, dtype=images.dtype)
+        )
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int):
         x = self.images[i]
+        if self.degrees or self.scale:
+            angle = self.degrees * (2 * torch.rand(()).item() - 1)
+            zoom = 1 + self.scale * (2 * torch.rand(()).item() - 1)
+            x = rotate_and_zoom(x, angle, zoom, self.fill)
         if self.crop_padding:
             p = self.crop_padding
             h, w = x.shape[-2:]
-            padded = F.pad(x, (p, p, p, p))
+            padded = self.fill[:, None, None].expand(x.shape[0], h + 2 * p, w + 2 * p).clone()
+            padded[:, p : p + h, p : p + w] = x
             top, left = torch.randint(0, 2 * p + 1, (2,)).tolist()
             x = padded[:, top : top + h, left : left + w]
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x, self.labels[i]
+
+
+def rotate_and_zoom(x: torch.Tensor, degrees: float, zoom: float, fill: torch.Tensor) -> torch.Tensor:
+    """(C, H, W) image turned by ``degrees`` and magnified by ``zoom`` about its centre,
+    bilinear; what comes in from outside is ``fill`` (C,)."""
+    angle = math.radians(degrees)
+    cos, sin = math.cos(angle) / zoom, math.sin(angle) / zoom  # output -> input coordinates
+    theta = torch.tensor([[[cos, -sin, 0.0], [sin, cos, 0.0]]], dtype=x.dtype)
+    grid = F.affine_grid(theta, [1, *x.shape], align_corners=False)
+    background = fill.to(x.dtype)[:, None, None]
+    # grid_sample fills with zeros outside: shift so that zero is the background.
+    return F.grid_sample((x - background)[None], grid, align_corners=False)[0] + background
 
 
 def split_indices(n: int, *, val_fraction: float, test_fraction: float, split_seed: int = 0):
@@ -47,9 +89,10 @@ def split_indices(n: int, *, val_fraction: float, test_fraction: float, split_se
 
 
 def bundle_from_arrays(
-    name, images, labels, *, val_fraction, test_fraction, crop_padding, flip, num_classes, split_seed=0
+    name, images, labels, *, val_fraction, test_fraction, num_classes, split_seed=0, **augment
 ) -> DataBundle:
-    """Split, normalise with the training split's per-channel statistics, wrap in a bundle."""
+    """Split, normalise with the training split's per-channel statistics, wrap in a bundle;
+    ``augment``: TensorImages' options for the training split (crop_padding, degrees...)."""
     images = torch.as_tensor(images, dtype=torch.float32)
     labels = torch.as_tensor(labels, dtype=torch.long)
     train, val, test = split_indices(
@@ -60,7 +103,7 @@ def bundle_from_arrays(
     images = (images - mean[:, None, None]) / std[:, None, None]
     return DataBundle(
         name=name,
-        train=TensorImages(images[train], labels[train], crop_padding=crop_padding, flip=flip),
+        train=TensorImages(images[train], labels[train], fill=-mean / std, **augment),
         val=TensorImages(images[val], labels[val]),
         test=TensorImages(images[test], labels[test]),
         model_args={"img_size": images.shape[-1], "in_chans": images.shape[1], "num_classes": num_classes},
@@ -70,8 +113,21 @@ def bundle_from_arrays(
 
 
 @register_dataset("digits")
-def digits(*, val_fraction: float = 0.1, test_fraction: float = 0.2, augment: bool = True, **_) -> DataBundle:
-    """scikit-learn's 1,797 handwritten digits, 8x8, one channel, ten classes (ships with scikit-learn)."""
+def digits(
+    *,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    augment: bool = True,
+    degrees: float = 0.0,
+    scale: float = 0.0,
+    shift: int = 1,
+    **_,
+) -> DataBundle:
+    """scikit-learn's 1,797 handwritten digits, 8x8, one channel, ten classes (ships with scikit-learn).
+
+    With ``augment``, training images are rotated by up to ``degrees``, zoomed by up to
+    ``scale`` and shifted by up to ``shift`` pixels (never flipped: digits are not symmetric).
+    """
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -82,9 +138,8 @@ def digits(*, val_fraction: float = 0.1, test_fraction: float = 0.2, augment: bo
         d.target,
         val_fraction=val_fraction,
         test_fraction=test_fraction,
-        crop_padding=1 if augment else 0,
-        flip=False,
         num_classes=10,
+        **(dict(crop_padding=shift, degrees=degrees, scale=scale) if augment else {}),
     )
     bundle.class_names = [str(i) for i in range(10)]
     return bundle
@@ -120,7 +175,5 @@ def synthetic(
         labels,
         val_fraction=val_fraction,
         test_fraction=test_fraction,
-        crop_padding=0,
-        flip=False,
         num_classes=num_classes,
     )
