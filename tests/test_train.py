@@ -114,3 +114,33 @@ def test_train_with_ema_saves_the_average_and_resumes_exactly(tmp_path):
     # model.safetensors holds the average, last.safetensors the raw weights (for --resume).
     best, last = load_file(str(straight / "model.safetensors")), load_file(str(straight / "last.safetensors"))
     assert any(not torch.equal(best[k], last[k]) for k in best)
+
+
+def test_equal_validation_accuracy_keeps_the_later_epoch(tmp_path):
+    # With lr 0 the weights never change, so every epoch ties on validation.
+    cfg = TrainConfig(
+        model="afmp_tiny", epochs=3, out=str(tmp_path), select="best_val", **{**TINY, "lr": 0.0}
+    )
+    results = train(cfg)
+    assert len(set(results["training_history"]["val_acc"])) == 1
+    assert results["best_epoch"] == results["selected_epoch"] == 3
+    assert json.loads((tmp_path / "model.json").read_text())["epoch"] == 2  # 0-based, as saved
+
+
+def test_select_chooses_the_weights_that_are_tested_and_saved(tmp_path):
+    runs = {}
+    for select in ("last", "best_val"):
+        out = tmp_path / select
+        runs[select] = train(TrainConfig(model="afmp_tiny", epochs=4, out=str(out), select=select, **TINY))
+        best, last = load_file(str(out / "model.safetensors")), load_file(str(out / "last.safetensors"))
+        same = all(torch.equal(best[k], last[k]) for k in best)
+        history = runs[select]["training_history"]["val_acc"]
+        assert runs[select]["val_accuracy"] == history[runs[select]["selected_epoch"] - 1]
+        if select == "last":
+            assert same and runs[select]["selected_epoch"] == 4
+        else:
+            assert runs[select]["selected_epoch"] == runs[select]["best_epoch"]
+            assert max(history) == history[runs[select]["best_epoch"] - 1]
+            assert same == (runs[select]["best_epoch"] == 4)
+    with pytest.raises(ValueError, match="select must be one of last, best_val"):
+        train(TrainConfig(out=str(tmp_path / "bad"), select="best"))

@@ -11,7 +11,9 @@ training, backward) pass and adds up three numbers:
   gathers per element gathered, scatters per element scattered; softmax and
   normalisation layers a fixed number per element (``PER_ELEMENT``). A matmul's
   bias add stays inside its matmul count, as in FlopCounterMode. A fused custom op
-  counts no flops unless a formula is registered (``register_flops``);
+  counts no flops unless a formula is registered (``register_flops``); afmp's fused
+  Triton ops are credited with the flops of their plain-PyTorch references, as
+  FlashAttention is credited with attention's (end of this file);
 - ``bytes``: bytes read and written by every op that touches memory: its tensor
   inputs plus its tensor outputs (views, and the uninitialised output of ``empty``,
   cost nothing; an expanded input counts its distinct elements once). This is the
@@ -28,12 +30,17 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 import torch.utils.flop_counter as fc
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
+
+from afmp.ops import edge
+from afmp.ops.linear_attention import linear_attention_reference
 
 aten = torch.ops.aten
 
@@ -129,17 +136,24 @@ def _arg(func, args, kwargs, name: str):
 CUSTOM_FLOPS: dict = {}
 
 
-def register_flops(op, formula: Callable[..., int]) -> None:
+def register_flops(op, formula: Callable[..., int | Costs]) -> None:
     """Count ``op`` (an OpOverloadPacket, e.g. torch.ops.afmp.gated_aggregate) as
-    ``formula(*args, out=out, **kwargs)`` non-matmul flops."""
+    ``formula(*args, out=out, **kwargs)`` flops: an int counts as non-matmul flops, a
+    ``Costs`` (e.g. ``reference_costs``) gives its matmul and total flops."""
     CUSTOM_FLOPS[op] = formula
+
+
+def custom_flops(packet, args, kwargs, out) -> tuple[float, float]:
+    """(matmul, total) flops of an op with a registered formula."""
+    flops = CUSTOM_FLOPS[packet](*args, out=out, **kwargs)
+    if isinstance(flops, Costs):
+        return flops.matmul_flops, flops.total_flops
+    return 0, flops
 
 
 def other_flops(func, args, kwargs, out) -> int:
     """Non-matmul flops of one op (see the module docstring)."""
     packet = func._overloadpacket
-    if packet in CUSTOM_FLOPS:
-        return CUSTOM_FLOPS[packet](*args, out=out, **kwargs)
     if packet in GATHER:
         return sum(t.numel() for t in _tensors(out)[:1])
     if packet in SCATTER:
@@ -189,6 +203,9 @@ class CostMode(TorchDispatchMode):
         if packet in MATMUL:
             flops = MATMUL[packet](*args, **kwargs, out_val=out)
             self.costs.matmul_flops += flops
+        elif packet in CUSTOM_FLOPS:
+            matmul, flops = custom_flops(packet, args, kwargs, out)
+            self.costs.matmul_flops += matmul
         else:
             flops = other_flops(func, args, kwargs, out)
         inputs = _tensors((args[1:], kwargs) if packet in WRITE_ONLY_SELF else (args, kwargs))
@@ -242,3 +259,85 @@ def count_step(make_step: Callable[[int], Callable[[], object]], batch_size: int
         return count(make_step(batch_size))
     two, three = count(make_step(2)), count(make_step(3))
     return two + (three + two.scaled(-1)).scaled(batch_size - 2)
+
+
+# -- fused custom ops, credited with the flops of the plain-PyTorch computation they replace ----
+# FlashAttention's convention: a fused kernel does the useful arithmetic of its reference
+# (the backward's recomputation is not counted), so it is credited with the flops CostMode
+# counts for that reference at the same shapes; its bytes stay its own operands.
+_REFERENCE_COSTS: dict = {}
+
+
+def _signature(x):
+    return (tuple(x.shape), x.stride(), x.dtype, x.device) if isinstance(x, torch.Tensor) else x
+
+
+def reference_costs(fn: Callable, args: tuple, grad_outputs: tuple | None = None, wrt=()) -> Costs:
+    """Costs of ``fn(*args)``, or with ``grad_outputs`` of its backward: the gradients of
+    its outputs, weighted by ``grad_outputs``, with respect to ``args[i]`` for i in ``wrt``.
+
+    Counted on fake tensors of the arguments' shapes, strides, dtypes and devices (no
+    memory, no arithmetic), once per signature. The count runs in a fresh thread, which
+    starts with none of the caller's dispatcher state: inside a TorchDispatchMode autograd
+    is switched off, and the caller's counting mode must not see the reference's ops.
+    Autocast is off there too, which changes no count (its casts count no flops).
+    """
+    key = (fn, tree_map(_signature, (args, grad_outputs, tuple(wrt))))
+    if key not in _REFERENCE_COSTS:
+        with ThreadPoolExecutor(max_workers=1) as thread:
+            _REFERENCE_COSTS[key] = thread.submit(_count_reference, fn, args, grad_outputs, wrt).result()
+    return _REFERENCE_COSTS[key]
+
+
+def _count_reference(fn, args, grad_outputs, wrt) -> Costs:
+    def fake(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+
+    with FakeTensorMode():
+        args = tree_map(fake, args)
+        if grad_outputs is None:
+            return count(lambda: fn(*args))
+        inputs = [args[i].requires_grad_() for i in wrt if args[i] is not None]
+        outputs = fn(*args)
+        outputs = (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
+        grads = tree_map(fake, grad_outputs)
+        return count(lambda: torch.autograd.grad(outputs, inputs, grads, allow_unused=True))
+
+
+def _register_fused_ops() -> None:
+    try:  # triton is optional: without it there are no fused ops to count
+        from afmp.ops import triton_edge, triton_linear_attention  # noqa: F401 (define the ops)
+    except ImportError:
+        return
+    ops = torch.ops.afmp
+    # The backward ops take the incoming gradients first, then what the forward saved; ``wrt``
+    # lists the reference's inputs they return gradients for (all but nbr, length, keep,
+    # reverse: constants, as in the model, where autograd computes no gradient for them).
+    register_flops(ops.edge_scores, lambda *args, out: reference_costs(edge.edge_scores, args))
+    register_flops(
+        ops.edge_scores_backward,  # (ds, err, *saved without b_out); its gradient out[9] has b_out's shape
+        lambda ds, err, *saved, out: reference_costs(
+            edge.edge_scores, (*saved[:9], out[9], *saved[9:]), (ds,), wrt=range(10)
+        ),
+    )
+    register_flops(ops.gated_aggregate, lambda *args, out: reference_costs(edge.gated_aggregate, args))
+    register_flops(
+        ops.gated_aggregate_backward,
+        lambda dout, dgm, *saved, out: reference_costs(
+            edge.gated_aggregate, saved, (dout, dgm), wrt=(0, 2, 3, 4)
+        ),
+    )
+    register_flops(
+        ops.linear_attention_fwd, lambda *args, out: reference_costs(linear_attention_reference, args)
+    )
+    register_flops(
+        ops.linear_attention_bwd,
+        lambda q, k, v, s, z, dout, eps, out: reference_costs(
+            linear_attention_reference, (q, k, v, eps), (dout,), wrt=(0, 1, 2)
+        ),
+    )
+
+
+_register_fused_ops()
