@@ -23,13 +23,7 @@ REQUIRED = (
 ).split()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: on a shared CPU, OpenMP's spinning threads make small steps 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -16,12 +16,7 @@ EDGE_OPS = {"afmp.edge_scores", "afmp.gated_aggregate"}
 EDGE_BACKWARD_OPS = {"afmp.edge_scores_backward", "afmp.gated_aggregate_backward"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def afmp_step_costs(backend: str, mode: str, dtype: str) -> counting.Costs:

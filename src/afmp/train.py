@@ -218,7 +218,7 @@ def evaluate(model, loader, device, amp: bool = True) -> float:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train, keep the best validation weights, report test accuracy; returns results.json's dict."""
+    """Train, save and test the selected weights (SELECT); returns results.json's dict."""
     if cfg.select not in SELECT:
         raise ValueError(f"select must be one of {', '.join(SELECT)}, got {cfg.select!r}")
     out = Path(cfg.out)
