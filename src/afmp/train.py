@@ -281,7 +281,7 @@ def train(cfg: TrainConfig) -> dict:
     )
     history = {"train_loss": [], "train_acc": [], "val_acc": [], "sparsity_loss": [], "time": []}
     best_val, best_epoch, start_epoch = -1.0, -1, 0
-    selected_epoch, selected_val = -1, float("nan")
+    selected_epoch = -1
 
     state_path = out / "last_state.pt"
     if cfg.resume and state_path.exists():
@@ -291,7 +291,7 @@ def train(cfg: TrainConfig) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         history, best_val, best_epoch = state["history"], state["best_val"], state["best_epoch"]
-        selected_epoch, selected_val = state["selected_epoch"], state["selected_val"]
+        selected_epoch = state["selected_epoch"]
         if ema is not None:
             ema.load_state_dict(state["ema"])
         start_epoch = state["epoch"] + 1
@@ -340,7 +340,7 @@ def train(cfg: TrainConfig) -> dict:
             best_val, best_epoch = val_acc, epoch
         selected = improved if cfg.select == "best_val" else True
         if selected:
-            selected_epoch, selected_val = epoch, val_acc
+            selected_epoch = epoch
         if env.is_main:
             if selected:
                 save_checkpoint(final, out, "model", epoch=epoch, val_accuracy=val_acc)
@@ -354,7 +354,6 @@ def train(cfg: TrainConfig) -> dict:
                 "best_val": best_val,
                 "best_epoch": best_epoch,
                 "selected_epoch": selected_epoch,
-                "selected_val": selected_val,
                 **({"ema": ema.state_dict()} if ema is not None else {}),
             }
             atomic_write(state_path, lambda tmp, s=state: torch.save(s, tmp))
@@ -365,6 +364,7 @@ def train(cfg: TrainConfig) -> dict:
                 viz.epoch_hook(final, data, out, epoch + 1)
         ddp.barrier()  # the other ranks read these files at the end (and on --resume)
 
+    selected_val = history["val_acc"][selected_epoch] if selected_epoch >= 0 else float("nan")
     if selected_epoch >= 0:
         final.load_state_dict(load_file(str(out / "model.safetensors"), device=str(device)))
     test_acc = evaluate(final, test_loader, device, cfg.amp)
