@@ -9,6 +9,8 @@ pull-style, one row per token::
     length    (N, K) float  |pos_i - pos_j| (0 in padding slots)
     reverse   (N, K) long   the slot of i in j's own list (so the edge i -> j), for
                             kernels that push gradients back along reversed edges
+    slots     (E,)   long   flat index i*K + s of every real edge's slot, in order, for
+                            the packed backend that skips padding (E = num_edges)
 
 The same lists serve every image of a batch: nothing (B*N)-sized is ever built.
 Neighbours of a token are sorted by index, so the layout is deterministic.
@@ -16,7 +18,7 @@ Neighbours of a token are sorted by index, so the layout is deterministic.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
 
 import numpy as np
@@ -29,6 +31,7 @@ class Scaffold:
     mask: torch.Tensor
     length: torch.Tensor
     reverse: torch.Tensor
+    slots: torch.Tensor
 
     @property
     def num_tokens(self) -> int:
@@ -41,10 +44,10 @@ class Scaffold:
     @property
     def num_edges(self) -> int:
         """Directed edges (each undirected edge counts twice)."""
-        return int(self.mask.sum())
+        return self.slots.numel()
 
     def to(self, device) -> Scaffold:
-        return Scaffold(*(t.to(device) for t in (self.neighbors, self.mask, self.length, self.reverse)))
+        return Scaffold(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
 def from_edges(edges: np.ndarray, positions: np.ndarray) -> Scaffold:
@@ -75,6 +78,7 @@ def from_edges(edges: np.ndarray, positions: np.ndarray) -> Scaffold:
         mask=torch.from_numpy(mask),
         length=torch.from_numpy(length).float(),
         reverse=torch.from_numpy(reverse).long(),
+        slots=torch.from_numpy(np.flatnonzero(mask)).long(),
     )
 
 

@@ -55,8 +55,10 @@ class RouterPCULayer(nn.Module):
         self.gate = nn.Linear(1, d_model)  # g = sigmoid(w_g * s + b_g)
 
     def forward(self, h, t, graph, backend):
-        nbr, mask, length, num_edges, *rest = graph
-        reverse = rest[0] if rest else None  # the scaffold's reverse slots; kernels recompute them if absent
+        nbr, mask, length, num_edges, *extras = graph
+        # The scaffold's reverse slots (kernels' backward) and real-edge slots (packed
+        # backend); a backend recomputes either when a caller's graph leaves it out.
+        reverse, slots = (*extras, None, None)[:2]
         h_self, m, q, k, a, b = self.proj(h).split(self.split, dim=-1)
         p = self.pred(t) if self.pred is not None else None
         s = backend.edge_scores(
@@ -73,10 +75,11 @@ class RouterPCULayer(nn.Module):
             nbr,
             length,
             reverse=reverse,
+            slots=slots,
         )
         keep = topk_keep(s, mask, num_edges, self.sparsity)
         agg, gate_mean = backend.gated_aggregate(
-            s, keep, m, self.gate.weight[:, 0], self.gate.bias, nbr, reverse=reverse
+            s, keep, m, self.gate.weight[:, 0], self.gate.bias, nbr, reverse=reverse, slots=slots
         )
         return F.gelu(h_self + agg), gate_mean
 
@@ -157,17 +160,25 @@ class AFMP(ClassifierMixin, nn.Module):
         self.register_buffer("edge_mask", sc.mask, persistent=False)
         self.register_buffer("edge_length", sc.length, persistent=False)
         self.register_buffer("edge_reverse", sc.reverse, persistent=False)  # kernels' backward
+        self.register_buffer("edge_slots", sc.slots, persistent=False)  # packed backend
         self._num_edges = sc.num_edges
         self._other_grids: dict = {}
 
     # -- scaffold and backend ------------------------------------------------------------
     def _graph(self, grid: tuple[int, int], device: torch.device):
         if grid == self._default_grid:
-            return self.neighbors, self.edge_mask, self.edge_length, self._num_edges, self.edge_reverse
+            return (
+                self.neighbors,
+                self.edge_mask,
+                self.edge_length,
+                self._num_edges,
+                self.edge_reverse,
+                self.edge_slots,
+            )
         key = (grid, str(device))
         if key not in self._other_grids:
             sc = scaffolds.build(self.cfg.scaffold, *grid).to(device)
-            self._other_grids[key] = (sc.neighbors, sc.mask, sc.length, sc.num_edges, sc.reverse)
+            self._other_grids[key] = (sc.neighbors, sc.mask, sc.length, sc.num_edges, sc.reverse, sc.slots)
         return self._other_grids[key]
 
     # -- forward -------------------------------------------------------------------------

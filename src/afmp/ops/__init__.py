@@ -2,9 +2,10 @@
 
 Each backend provides ``edge_scores`` and ``gated_aggregate`` with the signatures of
 ``afmp.ops.edge`` and a ``why_not(device)`` that returns None when it can run there,
-or the reason it cannot. ``auto`` picks the first that can run, in PREFERENCE order
-(on the CPU, always the reference). Backends take the scaffold's ``reverse`` slots as a
-keyword; the reference ignores them, the Triton kernels' backward uses them.
+or the reason it cannot. ``auto`` picks the first that can run, in PREFERENCE order;
+on the CPU it picks ``packed`` (plain PyTorch over the real edges only). Backends take
+the scaffold's ``reverse`` and ``slots`` as keywords: the Triton kernels' backward uses
+the first, the packed backend the second, the reference neither.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from afmp.ops import edge
+from afmp.ops import edge, packed_edge
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,12 @@ class EdgeBackend:
 
 EDGE_BACKENDS: dict[str, EdgeBackend] = {
     "reference": EdgeBackend("reference", edge.edge_scores, edge.gated_aggregate, lambda device: None),
+    "packed": EdgeBackend(
+        "packed", packed_edge.edge_scores, packed_edge.gated_aggregate, lambda device: None
+    ),
 }
-PREFERENCE: list[str] = ["reference"]
+# On CUDA the packed backend is not preferred: it was only measured on the CPU.
+PREFERENCE: list[str] = ["reference", "packed"]
 
 
 def register_edge_backend(backend: EdgeBackend, preferred: bool = False) -> None:
@@ -47,8 +52,8 @@ def select_edge_backend(name: str, device: torch.device | str) -> EdgeBackend:
     """The backend called ``name`` (or the best that can run on ``device`` for ``auto``)."""
     device = torch.device(device)
     if name == "auto":
-        if device.type == "cpu":  # other backends run on the CPU only through an interpreter, for tests
-            return EDGE_BACKENDS["reference"]
+        if device.type == "cpu":  # Triton runs on the CPU only through an interpreter, for tests
+            return EDGE_BACKENDS["packed"]
         for candidate in PREFERENCE:
             if EDGE_BACKENDS[candidate].why_not(device) is None:
                 return EDGE_BACKENDS[candidate]

@@ -20,6 +20,15 @@ import torch
 import torch.nn.functional as F
 
 
+def gather_neighbours(x: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) per-token rows -> (B, N, K, C) rows of each token's neighbours.
+
+    Same values as ``x[:, nbr]``; index_select's backward is an index_add, which on the
+    CPU is about twice as fast as the accumulating index_put behind advanced indexing.
+    """
+    return x.index_select(1, nbr.reshape(-1)).unflatten(1, nbr.shape)
+
+
 def edge_scores(
     q: torch.Tensor,  # (B, N, R)
     k: torch.Tensor,  # (B, N, R)
@@ -34,12 +43,13 @@ def edge_scores(
     nbr: torch.Tensor,  # (N, K) long
     length: torch.Tensor,  # (N, K)
     reverse: torch.Tensor | None = None,  # (N, K) scaffold's reverse slots: unused here (kernels' backward)
+    slots: torch.Tensor | None = None,  # (E,) scaffold's real-edge slots: unused here (packed backend)
 ) -> torch.Tensor:
     """Routing scores s (B, N, K); padding slots get a finite but meaningless score."""
-    bilinear = (q.unsqueeze(2) * k[:, nbr]).sum(-1)
-    hidden = a.unsqueeze(2) + b[:, nbr] + length.unsqueeze(-1).to(a.dtype) * w_len
+    bilinear = (q.unsqueeze(2) * gather_neighbours(k, nbr)).sum(-1)
+    hidden = a.unsqueeze(2) + gather_neighbours(b, nbr) + length.unsqueeze(-1).to(a.dtype) * w_len
     if p is not None:
-        err = torch.linalg.vector_norm(h[:, nbr] - p.unsqueeze(2), dim=-1)
+        err = torch.linalg.vector_norm(gather_neighbours(h, nbr) - p.unsqueeze(2), dim=-1)
         hidden = hidden + err.unsqueeze(-1) * w_err
     return bilinear + F.relu(hidden) @ w_out + b_out
 
@@ -52,10 +62,11 @@ def gated_aggregate(
     b_g: torch.Tensor,  # (D,)
     nbr: torch.Tensor,  # (N, K)
     reverse: torch.Tensor | None = None,  # as for edge_scores: unused here
+    slots: torch.Tensor | None = None,  # as for edge_scores: unused here
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum_j g_ij * m_j  (B, N, D),  mean_D g_ij  (B, N, K), exactly 0 where not kept)."""
     gates = torch.sigmoid(s.unsqueeze(-1) * w_g + b_g) * keep.unsqueeze(-1).to(s.dtype)
-    out = (gates * m[:, nbr]).sum(2)
+    out = (gates * gather_neighbours(m, nbr)).sum(2)
     return out, gates.mean(-1)
 
 

@@ -134,7 +134,8 @@ def edge_stage_bandwidth(
 def _measure(
     be, sc, batch, d_model, k_dim, score_hidden, dtype, device, sparsity, repeats, time_step_ms
 ) -> dict:
-    nbr, mask, length, reverse = sc.neighbors, sc.mask, sc.length, sc.reverse
+    nbr, mask, length = sc.neighbors, sc.mask, sc.length
+    lists = dict(reverse=sc.reverse, slots=sc.slots)  # what each backend may use beside nbr
     gen = torch.Generator(device).manual_seed(0)
     x = _inputs(batch, sc, d_model, k_dim, score_hidden, dtype, device, gen)
     score_args = [x[n] for n in ("q", "k", "a", "b", "h", "p", "w_err", "w_len", "w_out", "b_out")]
@@ -142,12 +143,12 @@ def _measure(
     dout = torch.randn(batch, sc.num_tokens, d_model, generator=gen, device=device).to(dtype)
     dgm = torch.randn(batch, sc.num_tokens, sc.max_degree, generator=gen, device=device).to(dtype)
     with torch.no_grad():
-        s0 = be.edge_scores(*score_args, nbr, length, reverse=reverse)
+        s0 = be.edge_scores(*score_args, nbr, length, **lists)
     keep = topk_keep(s0, mask, sc.num_edges, sparsity)  # fixed, so the timed stage is the kernels'
 
     def forward():
-        s = be.edge_scores(*score_args, nbr, length, reverse=reverse)
-        return be.gated_aggregate(s, keep, x["m"], x["w_g"], x["b_g"], nbr, reverse=reverse)
+        s = be.edge_scores(*score_args, nbr, length, **lists)
+        return be.gated_aggregate(s, keep, x["m"], x["w_g"], x["b_g"], nbr, **lists)
 
     def forward_backward():
         out, gate_mean = forward()

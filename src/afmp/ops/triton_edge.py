@@ -585,14 +585,14 @@ def reverse_slots(nbr: torch.Tensor) -> torch.Tensor:
     return torch.where(real, hits.int().argmax(-1), 0)
 
 
-def edge_scores(q, k, a, b, h, p, w_err, w_len, w_out, b_out, nbr, length, reverse=None):
-    """``afmp.ops.edge.edge_scores`` by the Triton kernels (``reverse``: the scaffold's)."""
+def edge_scores(q, k, a, b, h, p, w_err, w_len, w_out, b_out, nbr, length, reverse=None, slots=None):
+    """``afmp.ops.edge.edge_scores`` by the Triton kernels (``reverse``: the scaffold's; ``slots`` unused)."""
     reverse = reverse_slots(nbr) if reverse is None else reverse
     return edge_scores_op(q, k, a, b, h, p, w_err, w_len, w_out, b_out, nbr, length, reverse)[0]
 
 
-def gated_aggregate(s, keep, m, w_g, b_g, nbr, reverse=None):
-    """``afmp.ops.edge.gated_aggregate`` by the Triton kernels (``reverse``: the scaffold's)."""
+def gated_aggregate(s, keep, m, w_g, b_g, nbr, reverse=None, slots=None):
+    """``afmp.ops.edge.gated_aggregate`` by the Triton kernels (``reverse``: the scaffold's; ``slots`` unused)."""
     reverse = reverse_slots(nbr) if reverse is None else reverse
     return gated_aggregate_op(s, keep, m, w_g, b_g, nbr, reverse)
 
