@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from safetensors.torch import load_file
 import afmp
 from afmp import cli
 from afmp.ema import WeightEMA
-from afmp.train import TrainConfig, model_args_for_data, train
+from afmp.train import TrainConfig, config_from_args, model_args_for_data, train
 
 TINY = dict(dataset="synthetic", data_opts={"num_samples": 96, "img_size": 16}, batch_size=16, lr=3e-3)
 
@@ -73,6 +74,20 @@ def test_cli_yaml_config_and_model_options(tmp_path, capsys):
     spec = json.loads((out / "model.json").read_text())
     assert spec["config"]["sparsity"] == 0.5 and spec["config"]["use_top_down"] is False
     assert json.loads((out / "results.json").read_text())["config"]["epochs"] == 1
+
+
+def test_shipped_digits_config_is_the_no_argument_job():
+    """configs/afmp_tiny_digits.yaml documents `afmp train` with no arguments: same settings."""
+    config = Path(__file__).parents[1] / "configs" / "afmp_tiny_digits.yaml"
+
+    def parse(argv):
+        return config_from_args(cli.build_parser(argv).parse_args(argv))
+
+    from_yaml, no_args = parse(["train", "--config", str(config)]), parse(["train"])
+    preset = afmp.create_model("afmp_tiny").cfg
+    assert {k: getattr(preset, k) for k in from_yaml.model_opts} == from_yaml.model_opts
+    from_yaml.model_opts = {}
+    assert from_yaml == no_args
 
 
 def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
