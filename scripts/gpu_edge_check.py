@@ -1,14 +1,19 @@
-"""One GPU session's checks of the Triton edge kernels (issue 7), in one run.
+"""One GPU session's checks of the stencil Triton edge kernels, in one run (about 6 minutes).
 
-    PYTHONPATH=src python3 scripts/gpu_edge_check.py --out DIR [--skip-tests] [--budget-s 380]
+    PYTHONPATH=src python3 scripts/gpu_edge_check.py --out DIR [--skip-tests] [--budget-s 360]
+        [--test-jobs 8] [--training]
 
-1. tests/test_edge_kernels.py on the GPU (compiled Triton, no interpreter);
-2. a sweep of the kernels' launch knobs (tile budgets, warps, backward programs) at
-   56x56, keeping the fastest for what follows;
-3. the edge stage alone (afmp.ops.edge_bench), AFMP-Small shape: batch 64, D=512, bf16,
-   grids 14, 28, 56, 80, backends reference and triton;
-4. one AFMP-Small training step (bf16 autocast, AdamW) per backend, eager and
-   torch.compile, at 224 and 896, with DeiT-Tiny (timm, SDPA, compiled) beside it.
+1. tests/test_edge_kernels.py on the GPU (compiled Triton, no interpreter), split over
+   --test-jobs pytest processes at once: compiling the kernels' variants is most of it;
+2. a sweep of the kernels' launch knobs (forward: tokens per tile, D chunk, warps; then
+   backward: the same and programs per launch) at 56x56, batch 64, D=512, bf16, keeping
+   the fastest for what follows;
+3. the edge stage alone (afmp.ops.edge_bench): batch 64, D=512, bf16, delaunay grids 14,
+   28, 56, 80, 128, backends reference, stencil (eager), stencil under torch.compile and
+   triton, with the bytes the stage must move against the measured copy bandwidth;
+4. only with --training (and a larger --budget-s): one AFMP-Small training step (bf16
+   autocast, AdamW) per backend, eager and torch.compile, at 224 and 896, with DeiT-Tiny
+   (timm, SDPA, compiled) beside it.
 CUDA events after warm-up, medians, every ratio taken within this run. Sections stop
 starting new work once the time budget is spent; everything printed also goes to
 DIR/gpu_edge_check.json.
@@ -37,23 +42,57 @@ def log(*args):
     print(*args, flush=True)
 
 
-def run_tests(out: Path) -> dict:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_edge_kernels.py"]
-    t0 = time.monotonic()
+def run_tests(out: Path, jobs: int, timeout_s: float = 130) -> dict:
+    """tests/test_edge_kernels.py, its tests dealt round-robin to ``jobs`` pytest processes
+    run at once (each compiles the kernel variants its tests need; Triton's cache is shared)."""
     env = dict(os.environ, PYTHONPATH="src")
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=170)
-        rc, text = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as err:
-        rc, text = "timeout", f"{err.stdout or ''}{err.stderr or ''}\n(pytest stopped after 170 s)"
-        text = text if isinstance(text, str) else text.decode()
+    pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    t0 = time.monotonic()
+    listed = subprocess.run(
+        [*pytest, "--collect-only", "tests/test_edge_kernels.py"], capture_output=True, text=True, env=env
+    )
+    ids = [line for line in listed.stdout.splitlines() if "::" in line]
+    groups = [ids[i::jobs] for i in range(jobs) if ids[i::jobs]] or [["tests/test_edge_kernels.py"]]
+    procs = [
+        subprocess.Popen(
+            [*pytest, *group], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
+        for group in groups
+    ]
+    texts, codes = [], []
+    for proc in procs:
+        try:
+            text, _ = proc.communicate(timeout=max(1.0, timeout_s - (time.monotonic() - t0)))
+            codes.append(proc.returncode)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            text = proc.communicate()[0] + f"\n(pytest stopped after {timeout_s:.0f} s)"
+            codes.append("timeout")
+        texts.append(text)
+    text = "\n\n".join(texts)
     (out / "pytest.txt").write_text(text)
-    log(text[-3000:])
-    return {"rc": rc, "seconds": time.monotonic() - t0, "tail": text.strip().splitlines()[-1:]}
+    failed = [line for line in text.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    tails = [t.strip().splitlines()[-1] if t.strip() else "" for t in texts]
+    log(text[-3000:] if failed or any(c != 0 for c in codes) else "\n".join(tails))
+    return {
+        "rc": codes,
+        "tests": len(ids),
+        "seconds": time.monotonic() - t0,
+        "failed": failed,
+        "tails": tails,
+    }
+
+
+FORWARD_KNOBS = ("BLOCK_T", "BLOCK_D", "NUM_WARPS")
+BACKWARD_KNOBS = ("BWD_BLOCK_T", "BWD_BLOCK_D", "BWD_NUM_WARPS", "BWD_PROGRAMS")
 
 
 def sweep(budget) -> dict:
-    """Pick the kernels' launch knobs at 56x56 (forward first, then backward); keep the best."""
+    """Pick the kernels' launch knobs at 56x56 (forward first, then backward); keep the best.
+
+    Every setting compiles the kernels anew (tiles and warps are compile-time constants),
+    so the grid of settings is a short list, the defaults first.
+    """
     from afmp.ops import triton_edge as te
     from afmp.ops.edge_bench import edge_stage_bandwidth
 
@@ -61,71 +100,132 @@ def sweep(budget) -> dict:
         (r,) = edge_stage_bandwidth(64, 56, 512, torch.bfloat16, "cuda", ["triton"], repeats=5)
         return r["fwd_ms"], r["fwd_bwd_ms"] - r["fwd_ms"]
 
-    log("\n## launch knobs, triton, 56x56, batch 64, D=512, bf16 (medians of 5)")
-    fwd = {}
-    for tile in (4096, 8192, 16384):
-        for warps in (4, 8):
-            if left(budget) < 250:
+    def tried(knobs, settings, what, min_left, part):
+        times = {}
+        for setting in settings:
+            if left(budget) < min_left:
+                log(f"(budget: {what} sweep stopped)")
                 break
-            te.TILE_ELEMENTS, te.NUM_WARPS = tile, warps
-            fwd[tile, warps] = measure()[0]
-            log(f"forward  tile {tile:6} warps {warps}: {fwd[tile, warps]:.3f} ms")
-    if fwd:
-        te.TILE_ELEMENTS, te.NUM_WARPS = min(fwd, key=fwd.get)
-    bwd = {}
-    for tile in (4096, 8192):
-        for programs in (2048, 16384, 65536):
-            for warps in (4, 8):
-                if left(budget) < 230:
-                    break
-                te.BWD_TILE_ELEMENTS, te.BWD_PROGRAMS, te.BWD_NUM_WARPS = tile, programs, warps
-                bwd[tile, programs, warps] = measure()[1]
+            for knob, value in zip(knobs, setting):
+                setattr(te, knob, value)
+            try:
+                times[setting] = measure()[part]
+            except Exception as err:  # a setting that does not compile or run is skipped
                 log(
-                    f"backward tile {tile:6} programs {programs:7} warps {warps}: {bwd[tile, programs, warps]:.3f} ms"
+                    f"{what} {dict(zip(knobs, setting))}: {type(err).__name__}: {str(err).splitlines()[0][:150]}"
                 )
-    if bwd:
-        te.BWD_TILE_ELEMENTS, te.BWD_PROGRAMS, te.BWD_NUM_WARPS = min(bwd, key=bwd.get)
-    chosen = dict(
-        TILE_ELEMENTS=te.TILE_ELEMENTS,
-        NUM_WARPS=te.NUM_WARPS,
-        BWD_TILE_ELEMENTS=te.BWD_TILE_ELEMENTS,
-        BWD_PROGRAMS=te.BWD_PROGRAMS,
-        BWD_NUM_WARPS=te.BWD_NUM_WARPS,
-    )
+                continue
+            log(f"{what} {dict(zip(knobs, setting))}: {times[setting]:.3f} ms")
+        best = min(times, key=times.get) if times else tuple(getattr(te, k) for k in knobs)
+        for knob, value in zip(knobs, best):
+            setattr(te, knob, value)
+        return times
+
+    log("\n## launch knobs, triton, 56x56, batch 64, D=512, bf16 (medians of 5)")
+    default = {k: getattr(te, k) for k in FORWARD_KNOBS + BACKWARD_KNOBS}
+    log(f"defaults: {default}")
+    # Each setting costs a compilation (seconds): the lists are short, the likeliest first.
+    forward = [tuple(default[k] for k in FORWARD_KNOBS), (32, 64, 4), (16, 64, 4), (64, 64, 8), (32, 128, 8)]
+    fwd = tried(FORWARD_KNOBS, dict.fromkeys(forward), "forward ", 190, 0)
+    programs = default["BWD_PROGRAMS"]
+    backward = [tuple(default[k] for k in BACKWARD_KNOBS)] + [
+        (bt, bd, warps, programs)
+        for bt, bd, warps in ((8, 64, 4), (16, 64, 4), (16, 32, 4), (32, 64, 8), (16, 128, 8))
+    ]
+    bwd = tried(BACKWARD_KNOBS, dict.fromkeys(backward), "backward", 130, 1)
+    # Fewer programs, each looping over several token tiles, with the best tiles found.
+    fewer = [(*(getattr(te, k) for k in BACKWARD_KNOBS[:3]), n) for n in (2048, 65536) if n != programs]
+    bwd.update(tried(BACKWARD_KNOBS, fewer, "backward", 120, 1))
+    for knob, value in zip(BACKWARD_KNOBS, min(bwd, key=bwd.get) if bwd else ()):
+        setattr(te, knob, value)
+    chosen = {k: getattr(te, k) for k in FORWARD_KNOBS + BACKWARD_KNOBS}
     log(f"chosen: {chosen}")
     return dict(
+        defaults=default,
         chosen=chosen,
-        forward={str(k): v for k, v in fwd.items()},
-        backward={str(k): v for k, v in bwd.items()},
+        forward={str(dict(zip(FORWARD_KNOBS, k))): v for k, v in fwd.items()},
+        backward={str(dict(zip(BACKWARD_KNOBS, k))): v for k, v in bwd.items()},
     )
+
+
+GRIDS = (14, 28, 56, 80, 128)
+BACKENDS = ("reference", "stencil", "stencil_compiled", "triton")
+
+
+def register_compiled_stencil():
+    """The stencil backend under torch.compile (inductor), as a backend edge_bench can name."""
+    from afmp.ops import EdgeBackend, register_edge_backend, stencil_edge
+
+    register_edge_backend(
+        EdgeBackend(
+            "stencil_compiled",
+            torch.compile(stencil_edge.edge_scores, dynamic=False),
+            torch.compile(stencil_edge.gated_aggregate, dynamic=False),
+            scaffold_why_not=stencil_edge.scaffold_why_not,
+        )
+    )
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(GRIDS))
+
+
+def graph_breaks() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
 
 
 def edge_stage(budget) -> list[dict]:
+    """Every grid with the eager backends first, then the compiled stencil, 56x56 first:
+    compiling it takes tens of seconds per grid, so it gets the time that is left."""
     from afmp.ops.edge_bench import edge_stage_bandwidth
 
+    register_compiled_stencil()
     rows = []
-    log("\n## edge stage alone: batch 64, D=512, bf16, fwd+bwd (scores + gated aggregate), topk apart")
-    log("grid   backend    fwd ms  fwd+bwd ms  topk ms  peak MB   GB/s  of copy")
-    for grid in (14, 28, 56, 80):
-        if left(budget) < 60:
-            log("(budget spent: stopping the edge stage)")
-            break
-        for r in edge_stage_bandwidth(64, grid, 512, torch.bfloat16, "cuda", ["reference", "triton"]):
-            rows.append(r)
-            if "error" in r:
-                log(f"{r['grid']:6} {r['backend']:9} {r['error']}")
-                continue
-            log(
-                f"{r['grid']:6} {r['backend']:9} {r['fwd_ms']:7.3f} {r['fwd_bwd_ms']:10.3f} {r['topk_ms']:8.3f}"
-                f" {r['peak_mb']:8.0f} {r['gb_per_s']:6.0f} {r['fraction_of_copy']:7.1%}"
-            )
-        pair = {r["backend"]: r for r in rows if r["grid"] == f"{grid}x{grid}" and "error" not in r}
-        if len(pair) == 2:
-            log(
-                f"       reference / triton fwd+bwd: {pair['reference']['fwd_bwd_ms'] / pair['triton']['fwd_bwd_ms']:.2f}x"
-            )
-    log(f"copy bandwidth (measured): {rows[0]['copy_gb_per_s']:.0f} GB/s" if rows else "")
 
+    def run(grid, name, min_left):
+        if left(budget) < min_left:
+            log(f"{f'{grid}x{grid}':9} {name:16} skipped (budget)")
+            return
+        breaks = graph_breaks()
+        t0 = time.monotonic()
+        try:
+            (r,) = edge_stage_bandwidth(64, grid, 512, torch.bfloat16, "cuda", [name])
+        except Exception as err:  # report and go on: one failure must not hide the rest
+            r = dict(grid=f"{grid}x{grid}", backend=name, error=f"{type(err).__name__}: {str(err)[:200]}")
+            torch.cuda.empty_cache()
+        r["wall_s"] = time.monotonic() - t0
+        if name == "stencil_compiled":
+            r["graph_breaks"] = graph_breaks() - breaks
+        rows.append(r)
+        if "error" in r:
+            log(f"{r['grid']:9} {name:16} {r['error'].splitlines()[0]}")
+            return
+        log(
+            f"{r['grid']:9} {name:16} {r['fwd_ms']:7.3f} {r['fwd_bwd_ms']:10.3f} {r['topk_ms']:8.3f}"
+            f" {r['peak_mb']:8.0f} {r['gb_per_s']:6.0f} {r['fraction_of_copy']:7.1%}  ({r['wall_s']:.0f} s"
+            + (f", {r['graph_breaks']} graph breaks)" if "graph_breaks" in r else ")")
+        )
+
+    log("\n## edge stage alone: batch 64, D=512, bf16, fwd+bwd (scores + gated aggregate), topk apart")
+    log("grid     backend            fwd ms  fwd+bwd ms  topk ms  peak MB   GB/s  of copy")
+    for grid in GRIDS:
+        for name in BACKENDS:
+            if name != "stencil_compiled":
+                run(grid, name, 15)
+    for grid in sorted(GRIDS, key=lambda g: abs(g - 56)):
+        run(grid, "stencil_compiled", 45)
+
+    log("\nfwd+bwd time / triton's (same run):")
+    for grid in GRIDS:
+        ok = {r["backend"]: r for r in rows if r["grid"] == f"{grid}x{grid}" and "error" not in r}
+        if "triton" in ok:
+            ratios = ", ".join(
+                f"{name} {ok[name]['fwd_bwd_ms'] / ok['triton']['fwd_bwd_ms']:.2f}x"
+                for name in BACKENDS
+                if name in ok and name != "triton"
+            )
+            log(f"{f'{grid}x{grid}':9} {ratios}")
+    copy = next((r["copy_gb_per_s"] for r in rows if "copy_gb_per_s" in r), None)
+    log(f"copy bandwidth (measured): {copy:.0f} GB/s" if copy else "")
     return rows
 
 
@@ -237,8 +337,10 @@ def training(budget) -> list[dict]:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
-    parser.add_argument("--budget-s", type=float, default=380)
+    parser.add_argument("--budget-s", type=float, default=360)
     parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--test-jobs", type=int, default=8)
+    parser.add_argument("--training", action="store_true", help="also time AFMP-Small training steps")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     log(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
@@ -251,8 +353,8 @@ def main():
     except ImportError:
         pass
     if not args.skip_tests:
-        report["tests"] = run_tests(args.out)
-    for section in (sweep, edge_stage, training):
+        report["tests"] = run_tests(args.out, args.test_jobs)
+    for section in (sweep, edge_stage, *((training,) if args.training else ())):
         try:
             report[section.__name__] = section(args.budget_s)
         except Exception as err:

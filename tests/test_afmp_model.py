@@ -64,9 +64,8 @@ def test_per_token_formulation_equals_per_edge_computation(with_prediction, spar
     sc = scaffold.delaunay_grid(3, 4)
     h = torch.randn(2, 12, 16, dtype=torch.float64)
     t = torch.randn(2, 12, 16, dtype=torch.float64) if with_prediction else None
-    graph = (sc.neighbors, sc.mask, sc.length.double(), sc.num_edges)
     with torch.no_grad():
-        out, gate_mean = layer(h, t, graph, select_edge_backend("reference", "cpu"))
+        out, gate_mean = layer(h, t, sc, select_edge_backend("reference", "cpu"))
         expected, expected_gates = per_edge_layer(layer, h, t, sc, sparsity)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     for b in range(2):

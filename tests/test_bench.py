@@ -36,6 +36,18 @@ def fast_calibration(tmp_path, monkeypatch):
 
 
 # -- counting: hand counts ------------------------------------------------------------------
+def test_compiled_bytes_are_what_the_fused_kernel_reads_and_writes():
+    from afmp.bench.compiled_bytes import compiled_bytes
+
+    torch._dynamo.reset()
+    x = torch.randn(1000)
+    step = torch.compile(lambda x: (x * 2).sin().square())  # one fused kernel: read x, write out
+    with compiled_bytes() as counted:
+        step(x)
+    assert counted.bytes == 2 * 1000 * 4
+    assert counting.count(lambda: (x * 2).sin().square()).bytes == 3 * 2 * 4000  # eager: three ops
+
+
 def test_linear_counts_matmul_flops_and_every_operand_byte():
     lin = nn.Linear(5, 7)
     x = torch.randn(3, 5)
@@ -304,11 +316,24 @@ def test_edge_study_writes_the_stage_bandwidth_per_backend(tmp_path):
     assert afmp.cli.main([*argv, "--out", str(out)]) == 0
     with open(out / "edge.csv") as f:
         rows = list(csv.DictReader(f))
-    # Every backend that can run here: reference, packed, and triton where its interpreter is on.
+    # Every backend that can run here: reference, packed, stencil, and triton where its
+    # interpreter is on.
     backends = [r["backend"] for r in rows]
-    assert backends[:2] == ["reference", "packed"] and len(backends) == len(set(backends))
+    assert backends[:3] == ["reference", "packed", "stencil"] and len(backends) == len(set(backends))
     for row in rows:
         assert (row["grid"], row["tokens"], row["resolution"]) == ("3x3", "9", "48")
         expected = edge_stage_bytes(2, 9, int(row["max_degree"]), 512, 64, 64, 4)
         assert int(row["bytes"]) == expected and float(row["fwd_bwd_ms"]) > 0
         assert float(row["gb_per_s"]) == pytest.approx(expected / float(row["fwd_bwd_ms"]) * 1e-6, rel=1e-6)
+    assert {(r["layout"], r["max_degree"]) for r in rows} == {("delaunay", "6")}
+
+
+def test_edge_study_takes_the_scaffold_from_model_options(tmp_path):
+    out = tmp_path / "edge"
+    argv = ["bench", "edge", "--device", "cpu", "--resolutions", "48", "--batch-size", "1", "--repeats", "1"]
+    opts = ["--model-opt", "scaffold=window", "--model-opt", "window_radius=2"]
+    assert afmp.cli.main([*argv, *opts, "--out", str(out)]) == 0
+    with open(out / "edge.csv") as f:
+        rows = list(csv.DictReader(f))
+    # A radius-2 window has 5 x 5 - 1 offsets.
+    assert rows and {(r["layout"], r["max_degree"]) for r in rows} == {("window", "24")}

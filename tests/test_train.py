@@ -54,6 +54,20 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
     assert ha["val_acc"] == hb["val_acc"] and ha["train_loss"] == pytest.approx(hb["train_loss"])
 
 
+def test_resume_refuses_a_run_saved_with_another_model(tmp_path):
+    """A run saved before checkpoint format 2 has Qhull's scaffold: resuming it as today's
+    "delaunay" would train another model, so it stops and says what to pass."""
+    train(TrainConfig(model="afmp_tiny", epochs=1, out=str(tmp_path), **TINY))
+    spec = json.loads((tmp_path / "last.json").read_text())
+    del spec["format"]  # as the code before format 2 wrote it
+    (tmp_path / "last.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="scaffold='delaunay_qhull' \\(now 'delaunay'\\)"):
+        train(TrainConfig(model="afmp_tiny", epochs=2, out=str(tmp_path), resume=True, **TINY))
+    opts = {"scaffold": "delaunay_qhull"}
+    train(TrainConfig(model="afmp_tiny", epochs=2, out=str(tmp_path), resume=True, model_opts=opts, **TINY))
+    assert len(json.loads((tmp_path / "results.json").read_text())["training_history"]["val_acc"]) == 2
+
+
 def test_patch_size_keeps_the_presets_token_grid():
     digits = {"img_size": 8, "in_chans": 1, "num_classes": 10}
     assert model_args_for_data("afmp_tiny", digits, {}) == {**digits, "patch_size": 2}

@@ -1,8 +1,13 @@
 """Weights as safetensors beside a JSON config, written atomically.
 
 ``DIR/model.safetensors`` holds the uncompiled module's state and ``DIR/model.json``
-the registered name and the full config, so the model can be rebuilt from the
-directory alone: ``afmp.load_checkpoint(DIR)``.
+the registered name, the full config and the format version, so the model can be
+rebuilt from the directory alone: ``afmp.load_checkpoint(DIR)``.
+
+Format versions (``FORMAT``): 1 had no ``format`` key; 2 is written since AFMP's
+``delaunay`` scaffold became the 6-offset triangulation. A model family whose config
+meant something else in an older format has ``upgrade_config(config, version)``, so an
+old checkpoint rebuilds the model it was saved from.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from afmp.registry import create_model
+from afmp.registry import create_model, model_entry
+
+FORMAT = 2
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -53,7 +60,7 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike, stem: str = 
     directory = Path(directory)
     state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
     atomic_write(directory / f"{stem}.safetensors", lambda tmp: save_file(state, str(tmp)))
-    write_json(directory / f"{stem}.json", {**model_spec(model), **extra})
+    write_json(directory / f"{stem}.json", {"format": FORMAT, **model_spec(model), **extra})
     return directory / f"{stem}.safetensors"
 
 
@@ -68,7 +75,19 @@ def load_checkpoint(
             raise FileNotFoundError(
                 f"no checkpoint at {directory}: expected {path.name} (written by afmp train)"
             )
-    spec = json.loads(spec_path.read_text())
-    model = create_model(spec["model"], **{**spec["config"], **overrides})
+    name, config = saved_config(spec_path)
+    model = create_model(name, **{**config, **overrides})
     model.load_state_dict(load_file(str(weights_path), device=str(device)))
     return model.to(device)
+
+
+def saved_config(spec_path: str | os.PathLike) -> tuple[str, dict]:
+    """(registered name, config) of a checkpoint's JSON, upgraded from the format it was saved in."""
+    spec = json.loads(Path(spec_path).read_text())
+    version = spec.get("format", 1)
+    if version > FORMAT:
+        raise ValueError(f"{spec_path} has checkpoint format {version}; this afmp reads up to {FORMAT}")
+    model_cls, _ = model_entry(spec["model"])
+    upgrade = getattr(model_cls, "upgrade_config", None)
+    config = upgrade(spec["config"], version) if upgrade else spec["config"]
+    return spec["model"], config

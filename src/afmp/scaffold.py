@@ -7,22 +7,52 @@ pull-style, one row per token::
     neighbors (N, K) long   j for each slot of token i (padding slots point at i itself)
     mask      (N, K) bool   True for a real edge i <- j
     length    (N, K) float  |pos_i - pos_j| (0 in padding slots)
-    reverse   (N, K) long   the slot of i in j's own list (so the edge i -> j), for
-                            kernels that push gradients back along reversed edges
     slots     (E,)   long   flat index i*K + s of every real edge's slot, in order, for
                             the packed backend that skips padding (E = num_edges)
 
 The same lists serve every image of a batch: nothing (B*N)-sized is ever built.
-Neighbours of a token are sorted by index, so the layout is deterministic.
+
+Patch tokens sit on a regular grid, so the layouts a model uses are **stencils**: slot s
+of every token is the same grid offset ``offsets[s] = (dy, dx)``, and ``mask`` says
+where that neighbour exists (not past the border; for ``delaunay_qhull``, not across the
+diagonal Qhull did not pick). Such a scaffold also carries a ``Stencil`` (grid size,
+offsets, their lengths), and the ``stencil`` backend works on shifted views of the grid
+instead of the lists (afmp.ops.stencil_edge). A scaffold of arbitrary positions
+(``delaunay``) has none; its neighbours are sorted by index.
+
+Layouts of a token grid (``LAYOUTS``, a model's ``scaffold`` option):
+
+    delaunay        a Delaunay triangulation with every cell's diagonal the same way
+                    (dy, dx) = (1, 1): 6 offsets, no interior mask
+    delaunay_qhull  scipy's (Qhull's) triangulation, whose diagonals vary from cell to
+                    cell: 8 offsets with an interior mask (the layout of models
+                    saved before ``delaunay`` had 6 offsets)
+    window          every offset with max(|dy|, |dx|) <= radius: (2r+1)^2 - 1 offsets
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 
 import numpy as np
 import torch
+
+Offset = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Stencil:
+    """A scaffold on a height x width token grid whose slot s is grid offset ``offsets[s]``."""
+
+    height: int
+    width: int
+    offsets: tuple[Offset, ...]
+    lengths: tuple[float, ...]  # |offset| in grid units, as Scaffold.length holds it
+
+    @property
+    def radius(self) -> int:
+        return max(max(abs(dy), abs(dx)) for dy, dx in self.offsets)
 
 
 @dataclass(frozen=True)
@@ -30,8 +60,8 @@ class Scaffold:
     neighbors: torch.Tensor
     mask: torch.Tensor
     length: torch.Tensor
-    reverse: torch.Tensor
     slots: torch.Tensor
+    stencil: Stencil | None = None  # plain Python: compiled code reads it as constants
 
     @property
     def num_tokens(self) -> int:
@@ -47,11 +77,22 @@ class Scaffold:
         return self.slots.numel()
 
     def to(self, device) -> Scaffold:
-        return Scaffold(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{k: v.to(device) for k, v in values.items() if isinstance(v, torch.Tensor)})
+
+
+def _scaffold(neighbors: np.ndarray, mask: np.ndarray, length: np.ndarray, layout=None) -> Scaffold:
+    return Scaffold(
+        neighbors=torch.from_numpy(neighbors).long(),
+        mask=torch.from_numpy(mask),
+        length=torch.from_numpy(length).float(),
+        slots=torch.from_numpy(np.flatnonzero(mask)).long(),
+        stencil=layout,
+    )
 
 
 def from_edges(edges: np.ndarray, positions: np.ndarray) -> Scaffold:
-    """Padded lists from undirected edges (E, 2) over ``positions`` (N, d)."""
+    """Padded lists from undirected edges (E, 2) over ``positions`` (N, d), neighbours sorted."""
     n = positions.shape[0]
     adjacency: list[set[int]] = [set() for _ in range(n)]
     for a, b in np.asarray(edges, dtype=np.int64).reshape(-1, 2):
@@ -67,19 +108,41 @@ def from_edges(edges: np.ndarray, positions: np.ndarray) -> Scaffold:
         neighbors[i, : len(row)] = row
         mask[i, : len(row)] = True
     length = np.linalg.norm(positions[neighbors] - positions[:, None, :], axis=-1) * mask
-    slot = {(i, int(j)): s for i in range(n) for s, j in enumerate(neighbors[i]) if mask[i, s]}
-    reverse = np.zeros((n, k), dtype=np.int64)
-    for i in range(n):
-        for s in range(k):
-            if mask[i, s]:
-                reverse[i, s] = slot[(int(neighbors[i, s]), i)]
-    return Scaffold(
-        neighbors=torch.from_numpy(neighbors).long(),
-        mask=torch.from_numpy(mask),
-        length=torch.from_numpy(length).float(),
-        reverse=torch.from_numpy(reverse).long(),
-        slots=torch.from_numpy(np.flatnonzero(mask)).long(),
-    )
+    return _scaffold(neighbors, mask, length)
+
+
+def stencil(
+    height: int, width: int, offsets: tuple[Offset, ...], exists: np.ndarray | None = None
+) -> Scaffold:
+    """Scaffold of a height x width grid whose slot s is grid offset ``offsets[s]`` for every token.
+
+    ``exists`` (height, width, len(offsets)) bool says which of those edges the layout has
+    (default: all that stay on the grid); it must hold each edge in both directions, and
+    ``offsets`` must hold -o for every o.
+    """
+    _check_positive(height=height, width=width)
+    offsets = tuple((int(dy), int(dx)) for dy, dx in offsets)
+    missing = [o for o in offsets if (-o[0], -o[1]) not in offsets or o == (0, 0)]
+    if missing or len(set(offsets)) != len(offsets):
+        raise ValueError(f"offsets must be distinct, nonzero and come in pairs o, -o; got {offsets}")
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    dy, dx = np.array(offsets).T  # (K,)
+    ny, nx = rows[..., None] + dy, cols[..., None] + dx  # (H, W, K) neighbour coordinates
+    on_grid = (ny >= 0) & (ny < height) & (nx >= 0) & (nx < width)
+    mask = on_grid if exists is None else on_grid & np.asarray(exists, dtype=bool)
+    if exists is not None:  # the reverse edge must exist too
+        opposite = [offsets.index((-a, -b)) for a, b in offsets]
+        back = np.zeros_like(mask)
+        for s, o in enumerate(opposite):
+            back[..., s] = np.where(on_grid[..., s], mask[ny[..., s] % height, nx[..., s] % width, o], False)
+        if not np.array_equal(mask, back):
+            raise ValueError("the stencil's edges must exist in both directions")
+    own = (rows * width + cols)[..., None]
+    neighbors = np.where(mask, ny * width + nx, own).reshape(height * width, -1)
+    lengths = tuple(float(np.float32(np.hypot(*o))) for o in offsets)
+    length = (np.array(lengths)[None, None, :] * mask).reshape(height * width, -1)
+    layout = Stencil(height, width, offsets, lengths)
+    return _scaffold(neighbors, mask.reshape(height * width, -1), length, layout)
 
 
 def delaunay(positions: np.ndarray) -> Scaffold:
@@ -87,19 +150,23 @@ def delaunay(positions: np.ndarray) -> Scaffold:
     positions = np.asarray(positions, dtype=np.float64)
     if positions.ndim != 2 or positions.shape[1] != 2:
         raise ValueError(f"delaunay expects positions of shape (N, 2), got {positions.shape}")
+    return from_edges(_delaunay_edges(positions), positions)
+
+
+def _delaunay_edges(positions: np.ndarray) -> np.ndarray:
+    """Undirected edges (E, 2) of scipy's (Qhull's) Delaunay triangulation; a chain if collinear."""
     n = positions.shape[0]
     if n < 2:
-        return from_edges(np.zeros((0, 2)), positions)
+        return np.zeros((0, 2), dtype=np.int64)
     centred = positions - positions.mean(0)
     if n < 3 or np.linalg.matrix_rank(centred, tol=1e-9) < 2:
         # Qhull cannot triangulate points on a line: link each to its successor along it.
         order = np.argsort(centred @ np.linalg.svd(centred)[2][0], kind="stable")
-        return from_edges(np.stack([order[:-1], order[1:]], 1), positions)
+        return np.stack([order[:-1], order[1:]], 1)
     from scipy.spatial import Delaunay
 
     simplices = Delaunay(positions).simplices
-    edges = np.concatenate([simplices[:, [0, 1]], simplices[:, [1, 2]], simplices[:, [0, 2]]])
-    return from_edges(edges, positions)
+    return np.concatenate([simplices[:, [0, 1]], simplices[:, [1, 2]], simplices[:, [0, 2]]])
 
 
 def grid_positions(height: int, width: int) -> np.ndarray:
@@ -108,30 +175,71 @@ def grid_positions(height: int, width: int) -> np.ndarray:
     return np.stack([rows.ravel(), cols.ravel()], 1).astype(np.float64)
 
 
+def window_offsets(radius: int) -> tuple[Offset, ...]:
+    """Every offset (dy, dx) with max(|dy|, |dx|) <= radius but (0, 0), in raster order."""
+    span = range(-radius, radius + 1)
+    return tuple((dy, dx) for dy in span for dx in span if (dy, dx) != (0, 0))
+
+
+# A token's 6 neighbours when every cell is cut along the same diagonal, (0, 0)-(1, 1).
+UNIFORM_DELAUNAY_OFFSETS: tuple[Offset, ...] = ((-1, -1), (-1, 0), (0, -1), (0, 1), (1, 0), (1, 1))
+
+
 @lru_cache(maxsize=64)
 def delaunay_grid(height: int, width: int) -> Scaffold:
-    """Delaunay scaffold of a token grid (lengths in grid units, so resolution-free)."""
+    """Delaunay scaffold of a token grid with every diagonal the same way (6 offsets).
+
+    The four corners of a grid cell are cocircular, so either diagonal gives a valid
+    Delaunay triangulation; this one is fixed by construction, not by Qhull's choice.
+    A 1-wide grid is a chain. Lengths are in grid units (1 or sqrt 2).
+    """
+    return stencil(height, width, UNIFORM_DELAUNAY_OFFSETS)
+
+
+@lru_cache(maxsize=64)
+def delaunay_qhull_grid(height: int, width: int) -> Scaffold:
+    """Qhull's Delaunay triangulation of a token grid, as an 8-offset stencil with a mask.
+
+    Qhull cuts each cell along one of its two diagonals, differently from cell to cell
+    (the layout of the models saved before the 6-offset ``delaunay``).
+    """
     _check_positive(height=height, width=width)
-    return delaunay(grid_positions(height, width))
+    offsets = window_offsets(1)
+    exists = np.zeros((height, width, len(offsets)), dtype=bool)
+    for a, b in _delaunay_edges(grid_positions(height, width)):
+        for i, j in ((a, b), (b, a)):
+            dy, dx = j // width - i // width, j % width - i % width
+            exists[i // width, i % width, offsets.index((dy, dx))] = True
+    return stencil(height, width, offsets, exists)
+
+
+@lru_cache(maxsize=64)
+def window_grid(height: int, width: int, radius: int = 1) -> Scaffold:
+    """Every token linked to the tokens within ``radius`` rows and columns of it."""
+    _check_positive(radius=radius)
+    return stencil(height, width, window_offsets(radius))
 
 
 @lru_cache(maxsize=64)
 def window(length: int, radius: int) -> Scaffold:
     """1-D scaffold: token i linked to the ``radius`` tokens on each side (clipped at the ends)."""
     _check_positive(length=length, radius=radius)
-    edges = [(i, j) for i in range(length) for j in range(i + 1, min(length, i + radius + 1))]
-    positions = np.arange(length, dtype=np.float64)[:, None]
-    return from_edges(np.array(edges, dtype=np.int64).reshape(-1, 2), positions)
+    offsets = tuple((0, d) for d in range(-radius, radius + 1) if d)
+    return stencil(1, length, offsets)
 
 
-LAYOUTS = {"delaunay": delaunay_grid}
+LAYOUTS = {
+    "delaunay": lambda height, width, radius: delaunay_grid(height, width),
+    "delaunay_qhull": lambda height, width, radius: delaunay_qhull_grid(height, width),
+    "window": window_grid,
+}
 
 
-def build(layout: str, height: int, width: int) -> Scaffold:
-    """Scaffold of a ``layout`` over a height x width token grid."""
+def build(layout: str, height: int, width: int, radius: int = 1) -> Scaffold:
+    """Scaffold of a ``layout`` over a height x width token grid (``radius``: window's)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown scaffold layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    return LAYOUTS[layout](height, width)
+    return LAYOUTS[layout](height, width, radius)
 
 
 def _check_positive(**values: int) -> None:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from afmp import batch_size as batch_sizing
 from afmp import distributed as ddp
-from afmp.checkpoint import atomic_write, model_spec, save_checkpoint, unwrap, write_json
+from afmp.checkpoint import atomic_write, model_spec, save_checkpoint, saved_config, unwrap, write_json
 from afmp.data import build_dataset
 from afmp.ema import WeightEMA
 from afmp.registry import config_fields, create_model, model_entry
@@ -109,6 +109,18 @@ def model_args_for_data(name: str, data_args: dict, user_opts: dict) -> dict:
         divisors = [p for p in range(1, img + 1) if img % p == 0]
         args["patch_size"] = min(divisors, key=lambda p: (abs(img // p - grid), p))
     return {**args, **user_opts}
+
+
+def check_same_model(spec_path: Path, model) -> None:
+    """--resume continues the model a run saved: its config (but the backend) must be today's."""
+    _, saved = saved_config(spec_path)
+    built = model_spec(model)["config"]
+    changed = sorted(k for k in set(saved) | set(built) if k != "backend" and saved.get(k) != built.get(k))
+    if changed:
+        diff = ", ".join(f"{k}={saved.get(k)!r} (now {built.get(k)!r})" for k in changed)
+        raise ValueError(
+            f"--resume: {spec_path.parent} was saved with {diff}; pass the same with -o KEY=VALUE to continue it"
+        )
 
 
 def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
@@ -238,6 +250,8 @@ def train(cfg: TrainConfig) -> dict:
     model = create_model(cfg.model, **model_args_for_data(cfg.model, data.model_args, cfg.model_opts)).to(
         device
     )
+    if cfg.resume and (out / "last.json").exists():
+        check_same_model(out / "last.json", model)  # before anything in the run directory changes
     if cfg.auto_batch:
         if env.world_size > 1:
             raise ValueError("--auto-batch probes one process's memory; run it without torchrun")

@@ -7,7 +7,7 @@ The trainer calls ``epoch_hook`` every ``viz_every`` epochs (``afmp train --viz-
 which writes the same figures into the run directory's ``viz/``. Gates come from
 ``model(x, return_aux=True)``: ``aux["gates"]`` holds one (B, N, K) tensor per layer, the
 mean over channels of the gate on edge i <- j (exactly 0 where the edge was pruned), laid
-out like the scaffold's neighbour lists (the model's ``neighbors`` / ``edge_mask`` buffers).
+out like the scaffold's neighbour lists (``model.scaffold_for(grid)``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 
-from afmp import scaffold as scaffolds  # noqa: E402
 from afmp.checkpoint import atomic_write, load_checkpoint, write_json  # noqa: E402
 
 
@@ -40,10 +39,8 @@ def collect_gates(model, images: torch.Tensor):
     if "gates" not in aux:
         raise ValueError(f"model {getattr(model, 'model_name', type(model).__name__)} has no gates to draw")
     grid = tuple(aux["grid"])
-    nbr, mask = model.neighbors, model.edge_mask
-    if nbr.shape[0] != grid[0] * grid[1]:  # an input at another resolution: its own scaffold
-        sc = scaffolds.build(model.cfg.scaffold, *grid)
-        nbr, mask = sc.neighbors, sc.mask
+    sc = model.scaffold_for(grid)  # the input's own grid, at any resolution
+    nbr, mask = sc.neighbors, sc.mask
     gates = [g.double().cpu().numpy() for g in aux["gates"]]
     return gates, nbr.cpu().numpy(), mask.cpu().numpy(), grid
 
@@ -167,7 +164,7 @@ def render(
 
 def epoch_hook(model, data, out, epoch: int, num_images: int = 16) -> list[Path]:
     """Called by the trainer: the same validation images every time, so epochs compare."""
-    if not hasattr(model, "neighbors"):  # not a gated model: nothing to draw, but keep training
+    if not hasattr(model, "scaffold_for"):  # not a gated model: nothing to draw, but keep training
         print(f"viz: {getattr(model, 'model_name', type(model).__name__)} has no gates to draw; skipped")
         return []
     split = data.val if len(data.val) else data.test

@@ -69,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         nargs="?",
         default="scaling",
         choices=["scaling", "pareto", "edge"],
-        help="scaling (default) or pareto",
+        help="scaling (default), pareto, or edge (AFMP's per-edge stage alone, per backend)",
     )
     p.add_argument("--models", help="comma-separated specs, e.g. afmp_small@backend=reference,deit_tiny_sdpa")
     p.add_argument("--resolutions", type=int_list, help="image sizes, e.g. 64,224,448")
@@ -183,6 +183,7 @@ def main(args: argparse.Namespace) -> int:
 EDGE_COLUMNS = [
     "resolution",
     "grid",
+    "layout",
     "tokens",
     "max_degree",
     "batch",
@@ -202,12 +203,15 @@ EDGE_COLUMNS = [
 
 def edge_study(cfg: scaling.BenchConfig, device: torch.device, out: Path, meta: dict) -> int:
     """AFMP-Small's per-edge stage alone (patch 16, width 512), each backend that can run here:
-    the bytes it must move over its forward+backward time, against the measured copy bandwidth."""
+    the bytes it must move over its forward+backward time, against the measured copy bandwidth.
+    ``--model-opt scaffold=LAYOUT`` (and ``window_radius=R``) picks the scaffold."""
     from afmp.ops import EDGE_BACKENDS
     from afmp.ops.edge_bench import edge_stage_bandwidth
 
     backends = [name for name, be in EDGE_BACKENDS.items() if be.why_not(device) is None]
-    write_json(out / "edge_config.json", {**meta, "backends": backends})
+    layout = cfg.model_opts.get("scaffold", "delaunay")
+    radius = int(cfg.model_opts.get("window_radius", 1))
+    write_json(out / "edge_config.json", {**meta, "backends": backends, "scaffold": layout})
     rows = []
     for resolution in cfg.resolutions:
         for row in edge_stage_bandwidth(
@@ -218,6 +222,8 @@ def edge_study(cfg: scaling.BenchConfig, device: torch.device, out: Path, meta: 
             device,
             backends,
             repeats=cfg.repeats,
+            layout=layout,
+            radius=radius,
         ):
             rows.append({"resolution": resolution, **row})
             print(

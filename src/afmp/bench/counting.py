@@ -312,21 +312,36 @@ def _register_fused_ops() -> None:
     except ImportError:
         return
     ops = torch.ops.afmp
-    # The backward ops take the incoming gradients first, then what the forward saved; ``wrt``
-    # lists the reference's inputs they return gradients for (all but nbr, length, keep,
-    # reverse: constants, as in the model, where autograd computes no gradient for them).
-    register_flops(ops.edge_scores, lambda *args, out: reference_costs(edge.edge_scores, args))
+
+    def lists(mask):
+        """Stand-ins for the reference's (N, K) neighbour lists and lengths: the fused edge
+        ops address a stencil instead, and reference_costs only reads their shapes."""
+        return mask.new_empty(mask.shape, dtype=torch.long), mask.new_empty(mask.shape, dtype=torch.float32)
+
+    # The edge ops take (..., mask, height, width, offsets[, lengths]) where the reference
+    # takes (..., nbr[, length]). The backward ops take the incoming gradients first, then
+    # what the forward saved; ``wrt`` lists the reference's inputs they return gradients
+    # for (all but nbr, length and keep: constants, as in the model).
+    register_flops(
+        ops.edge_scores,
+        lambda *args, out: reference_costs(edge.padded_edge_scores, (*args[:10], *lists(args[10]))),
+    )
     register_flops(
         ops.edge_scores_backward,  # (ds, err, *saved without b_out); its gradient out[9] has b_out's shape
         lambda ds, err, *saved, out: reference_costs(
-            edge.edge_scores, (*saved[:9], out[9], *saved[9:]), (ds,), wrt=range(10)
+            edge.padded_edge_scores, (*saved[:9], out[9], *lists(saved[9])), (ds,), wrt=range(10)
         ),
     )
-    register_flops(ops.gated_aggregate, lambda *args, out: reference_costs(edge.gated_aggregate, args))
+    register_flops(
+        ops.gated_aggregate,
+        lambda s, keep, m, w_g, b_g, mask, *stencil, out: reference_costs(
+            edge.padded_gated_aggregate, (s, keep, m, w_g, b_g, lists(mask)[0])
+        ),
+    )
     register_flops(
         ops.gated_aggregate_backward,
-        lambda dout, dgm, *saved, out: reference_costs(
-            edge.gated_aggregate, saved, (dout, dgm), wrt=(0, 2, 3, 4)
+        lambda dout, dgm, s, keep, m, w_g, b_g, mask, *stencil, out: reference_costs(
+            edge.padded_gated_aggregate, (s, keep, m, w_g, b_g, lists(mask)[0]), (dout, dgm), wrt=(0, 2, 3, 4)
         ),
     )
     register_flops(

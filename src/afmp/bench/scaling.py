@@ -38,11 +38,12 @@ from torch import nn
 
 from afmp.bench import counting, roofline, timing
 from afmp.bench.baselines import BASELINES
+from afmp.bench.compiled_bytes import compiled_bytes
 from afmp.registry import config_fields, create_model, list_models, model_entry
 
 COLUMNS = [
     "model", "resolution", "tokens", "batch_size", "mode", "dtype", "precision", "device", "compile",
-    "params", "matmul_gflops", "total_gflops", "gbytes", "ms_median", "ms_min", "ms_max", "repeats",
+    "params", "matmul_gflops", "total_gflops", "gbytes", "compiled_gbytes", "ms_median", "ms_min", "ms_max", "repeats",
     "peak_mb", "peak_source", "roofline_ms", "roofline_frac", "oom", "note",
 ]  # fmt: skip
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -252,6 +253,7 @@ def bench_one_size(todo: list[tuple[dict, Callable[[], BenchModel]]], cfg, calib
             f"{row['model']:32s} {row['resolution']:5d} tokens {row['tokens']:6d}  "
             f"{row['ms_median']:9.2f} ms  {row['peak_mb']:9.1f} MB  {row['total_gflops']:9.2f} GFLOP  "
             f"{row['gbytes']:8.3f} GB  roofline {row['roofline_ms']:8.2f} ms"
+            + (f"  compiled {row['compiled_gbytes']:.3f} GB" if row["compile"] else "")
         )
     del live
     free(device)
@@ -278,7 +280,13 @@ def prepare(make: Callable[[], BenchModel], cfg: BenchConfig, calib: dict, devic
     model = torch.compile(bm.module, dynamic=False) if row["compile"] else bm.module
     step = make_step(bm, model, cfg, device)
     x = make_input(bm, cfg.batch_size, cfg)
-    for _ in range(max(cfg.warmup, 1 if row["compile"] else 0)):  # compilation happens here
+    warmup = cfg.warmup
+    if row["compile"]:  # the first step compiles forward and backward: count their kernels' bytes
+        with compiled_bytes() as counted:
+            step(x)
+        row["compiled_gbytes"] = counted.bytes / 1e9
+        warmup -= 1
+    for _ in range(warmup):
         step(x)
     row["peak_mb"], row["peak_source"] = timing.peak_step_mb(partial(step, x), device, baseline)
     return bm, step

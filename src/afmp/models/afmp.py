@@ -54,11 +54,7 @@ class RouterPCULayer(nn.Module):
         self.score_out = nn.Linear(score_hidden, 1)  # v's second layer
         self.gate = nn.Linear(1, d_model)  # g = sigmoid(w_g * s + b_g)
 
-    def forward(self, h, t, graph, backend):
-        nbr, mask, length, num_edges, *extras = graph
-        # The scaffold's reverse slots (kernels' backward) and real-edge slots (packed
-        # backend); a backend recomputes either when a caller's graph leaves it out.
-        reverse, slots = (*extras, None, None)[:2]
+    def forward(self, h, t, sc: scaffolds.Scaffold, backend):
         h_self, m, q, k, a, b = self.proj(h).split(self.split, dim=-1)
         p = self.pred(t) if self.pred is not None else None
         s = backend.edge_scores(
@@ -72,15 +68,10 @@ class RouterPCULayer(nn.Module):
             self.w_len,
             self.score_out.weight[0],
             self.score_out.bias[0],
-            nbr,
-            length,
-            reverse=reverse,
-            slots=slots,
+            sc,
         )
-        keep = topk_keep(s, mask, num_edges, self.sparsity)
-        agg, gate_mean = backend.gated_aggregate(
-            s, keep, m, self.gate.weight[:, 0], self.gate.bias, nbr, reverse=reverse, slots=slots
-        )
+        keep = topk_keep(s, sc.mask, sc.num_edges, self.sparsity)
+        agg, gate_mean = backend.gated_aggregate(s, keep, m, self.gate.weight[:, 0], self.gate.bias, sc)
         return F.gelu(h_self + agg), gate_mean
 
 
@@ -99,7 +90,8 @@ class AFMP(ClassifierMixin, nn.Module):
         lambda_sparse: float = 1e-4
         use_top_down: bool = True
         readout_norm: bool = True  # LayerNorm on the pooled state before the linear head
-        scaffold: str = "delaunay"
+        scaffold: str = "delaunay"  # layout of the token grid: see afmp.scaffold.LAYOUTS
+        window_radius: int = 1  # the "window" scaffold's: offsets with max(|dy|, |dx|) <= radius
         backend: str = "auto"  # per-edge stage: see afmp.ops
 
         def __post_init__(self):
@@ -113,6 +105,7 @@ class AFMP(ClassifierMixin, nn.Module):
                 "d_model",
                 "k_dim",
                 "score_hidden",
+                "window_radius",
             )
             if self.img_size % self.patch_size:
                 raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
@@ -155,30 +148,42 @@ class AFMP(ClassifierMixin, nn.Module):
         # and stay out of the state dict, so the same weights load at any resolution).
         grid = cfg.img_size // cfg.patch_size
         self._default_grid = (grid, grid)
-        sc = scaffolds.build(cfg.scaffold, grid, grid)
+        sc = self.scaffold_for(self._default_grid)
+        self._default_stencil = sc.stencil  # plain Python, not a buffer
         self.register_buffer("neighbors", sc.neighbors, persistent=False)
         self.register_buffer("edge_mask", sc.mask, persistent=False)
         self.register_buffer("edge_length", sc.length, persistent=False)
-        self.register_buffer("edge_reverse", sc.reverse, persistent=False)  # kernels' backward
-        self.register_buffer("edge_slots", sc.slots, persistent=False)  # packed backend
-        self._num_edges = sc.num_edges
+        self.register_buffer("edge_slots", sc.slots, persistent=False)
         self._other_grids: dict = {}
 
+    @staticmethod
+    def upgrade_config(config: dict, version: int) -> dict:
+        """A config saved by checkpoint format ``version``, as today's Config reads it.
+
+        Before format 2, "delaunay" was Qhull's triangulation (mixed diagonals); it is
+        now the 6-offset one, so an older checkpoint keeps its own as "delaunay_qhull".
+        """
+        if version < 2 and config.get("scaffold", "delaunay") == "delaunay":
+            config = {**config, "scaffold": "delaunay_qhull"}
+        return config
+
     # -- scaffold and backend ------------------------------------------------------------
-    def _graph(self, grid: tuple[int, int], device: torch.device):
+    def scaffold_for(self, grid: tuple[int, int]) -> scaffolds.Scaffold:
+        """The scaffold of a token grid (height, width), on the CPU (built once, cached)."""
+        return scaffolds.build(self.cfg.scaffold, *grid, radius=self.cfg.window_radius)
+
+    def _scaffold(self, grid: tuple[int, int], device: torch.device) -> scaffolds.Scaffold:
         if grid == self._default_grid:
-            return (
+            return scaffolds.Scaffold(
                 self.neighbors,
                 self.edge_mask,
                 self.edge_length,
-                self._num_edges,
-                self.edge_reverse,
                 self.edge_slots,
+                self._default_stencil,
             )
         key = (grid, str(device))
         if key not in self._other_grids:
-            sc = scaffolds.build(self.cfg.scaffold, *grid).to(device)
-            self._other_grids[key] = (sc.neighbors, sc.mask, sc.length, sc.num_edges, sc.reverse, sc.slots)
+            self._other_grids[key] = self.scaffold_for(grid).to(device)
         return self._other_grids[key]
 
     # -- forward -------------------------------------------------------------------------
@@ -186,15 +191,15 @@ class AFMP(ClassifierMixin, nn.Module):
         """States the readout pools, (B, N, D); with ``return_aux`` also the aux dict."""
         check_image_batch(x, self.cfg.in_chans, self.cfg.patch_size)
         tokens, grid = self.patch_embed(x)
-        graph = self._graph(grid, x.device)
-        backend = select_edge_backend(self.cfg.backend, x.device)
+        sc = self._scaffold(grid, x.device)
+        backend = select_edge_backend(self.cfg.backend, x.device, sc)
         h = tokens + self.pos_embed(grid_centres(*grid, device=x.device).to(tokens.dtype))
 
         # Bottom-up: layer l reads H = output of layer l-1 and the predictive signal
         # T = output of layer l-2 (the embedding counts as output 0; the first layer has none).
         states, gate_means = [h], []
         for layer in self.layers:
-            h, gate_mean = layer(states[-1], states[-2] if len(states) >= 2 else None, graph, backend)
+            h, gate_mean = layer(states[-1], states[-2] if len(states) >= 2 else None, sc, backend)
             states.append(h)
             gate_means.append(gate_mean)
         levels = states[1:]
@@ -209,7 +214,7 @@ class AFMP(ClassifierMixin, nn.Module):
             out = levels[-1]
         if not return_aux:
             return out
-        num_edges = graph[3]
+        num_edges = sc.num_edges
         mean_gate = torch.stack([g.sum() for g in gate_means]).mean() / (x.shape[0] * max(num_edges, 1))
         aux = {
             "sparsity_loss": self.cfg.lambda_sparse * mean_gate,

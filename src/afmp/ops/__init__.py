@@ -1,11 +1,20 @@
 """Named backends for AFMP's per-edge stage, beside the plain-PyTorch reference.
 
 Each backend provides ``edge_scores`` and ``gated_aggregate`` with the signatures of
-``afmp.ops.edge`` and a ``why_not(device)`` that returns None when it can run there,
-or the reason it cannot. ``auto`` picks the first that can run, in PREFERENCE order;
-on the CPU it picks ``packed`` (plain PyTorch over the real edges only). Backends take
-the scaffold's ``reverse`` and ``slots`` as keywords: the Triton kernels' backward uses
-the first, the packed backend the second, the reference neither.
+``afmp.ops.edge`` (the scaffold as last argument), ``why_not(device)`` and
+``scaffold_why_not(scaffold)``: None when it can run there and on that scaffold, or the
+reason it cannot.
+
+    reference  padded neighbour lists, plain PyTorch: (B, N, K, C) gathers
+    packed     the real edges only, plain PyTorch: index_select / index_add
+    stencil    shifted views of the token grid, plain PyTorch with a hand-written
+               backward; needs a stencil scaffold (every grid layout is one)
+    triton     Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1 for tests)
+
+``auto`` takes the first of ``AUTO[device type, compiled]`` that can run and is meant
+for a grid of that many tokens: the order is the measured one, fastest first (docs/results.md, "Which backend auto picks"). The
+choice is made inside the model's forward, so under torch.compile it is the compiled
+order (``torch.compiler.is_compiling()``).
 """
 
 from __future__ import annotations
@@ -15,7 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
-from afmp.ops import edge, packed_edge
+from afmp.ops import edge, packed_edge, stencil_edge
+from afmp.scaffold import Scaffold
+
+
+def _anywhere(_) -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -23,56 +37,84 @@ class EdgeBackend:
     name: str
     edge_scores: Callable
     gated_aggregate: Callable
-    why_not: Callable[[torch.device], str | None]
+    why_not: Callable[[torch.device], str | None] = _anywhere
+    scaffold_why_not: Callable[[Scaffold], str | None] = _anywhere
 
 
 EDGE_BACKENDS: dict[str, EdgeBackend] = {
-    "reference": EdgeBackend("reference", edge.edge_scores, edge.gated_aggregate, lambda device: None),
-    "packed": EdgeBackend(
-        "packed", packed_edge.edge_scores, packed_edge.gated_aggregate, lambda device: None
+    "reference": EdgeBackend("reference", edge.edge_scores, edge.gated_aggregate),
+    "packed": EdgeBackend("packed", packed_edge.edge_scores, packed_edge.gated_aggregate),
+    "stencil": EdgeBackend(
+        "stencil",
+        stencil_edge.edge_scores,
+        stencil_edge.gated_aggregate,
+        scaffold_why_not=stencil_edge.scaffold_why_not,
     ),
 }
-# On CUDA the packed backend is not preferred: it was only measured on the CPU.
-PREFERENCE: list[str] = ["reference", "packed"]
+
+# Fastest first, by the training-step measurements in docs/results.md ("Which backend auto
+# picks"), keyed by (device type, compiled): (backend, fewest tokens per image it is
+# taken for). On the CPU the stencil beats packed from 64 tokens (an 8x8 grid) up, and
+# loses below (a 7x7 grid of AFMP-Small, digits' 4x4), where many of its slots are padding.
+# The CUDA rows are those of the last GPU run, made with the gather-based Triton kernels:
+# eager, they were 4-5x faster than the reference; compiled, the reference beat them. The
+# stencil backends have not been timed on a GPU yet, so they go after a measured winner.
+AUTO: dict[tuple[str, bool], list[tuple[str, int]]] = {
+    ("cpu", False): [("stencil", 64), ("packed", 0), ("reference", 0)],
+    ("cpu", True): [("stencil", 64), ("packed", 0), ("reference", 0)],
+    ("cuda", False): [("triton", 0), ("stencil", 0), ("reference", 0)],
+    ("cuda", True): [("reference", 0), ("stencil", 0), ("triton", 0)],
+}
 
 
-def register_edge_backend(backend: EdgeBackend, preferred: bool = False) -> None:
+def register_edge_backend(backend: EdgeBackend) -> None:
     EDGE_BACKENDS[backend.name] = backend
-    if preferred:
-        PREFERENCE.insert(0, backend.name)
-    else:
-        PREFERENCE.append(backend.name)
 
 
 def edge_backend_names() -> list[str]:
     return ["auto", *EDGE_BACKENDS]
 
 
-def select_edge_backend(name: str, device: torch.device | str) -> EdgeBackend:
-    """The backend called ``name`` (or the best that can run on ``device`` for ``auto``)."""
+def _why_not(backend: EdgeBackend, device: torch.device, sc: Scaffold | None) -> str | None:
+    reason = backend.why_not(device)
+    if reason is None and sc is not None:
+        reason = backend.scaffold_why_not(sc)
+    return reason
+
+
+def select_edge_backend(name: str, device: torch.device | str, sc: Scaffold | None = None) -> EdgeBackend:
+    """The backend called ``name``, or for ``auto`` the fastest that runs on ``device`` and ``sc``."""
     device = torch.device(device)
     if name == "auto":
-        if device.type == "cpu":  # Triton runs on the CPU only through an interpreter, for tests
-            return EDGE_BACKENDS["packed"]
-        for candidate in PREFERENCE:
-            if EDGE_BACKENDS[candidate].why_not(device) is None:
+        tokens = sc.num_tokens if sc is not None else 0
+        for candidate, min_tokens in AUTO.get((device.type, torch.compiler.is_compiling()), []):
+            if (
+                tokens >= min_tokens
+                and candidate in EDGE_BACKENDS
+                and _why_not(EDGE_BACKENDS[candidate], device, sc) is None
+            ):
                 return EDGE_BACKENDS[candidate]
-        raise RuntimeError(f"no edge backend can run on {device}")  # unreachable: reference always can
+        return EDGE_BACKENDS["reference"]  # runs anywhere, on any scaffold
     if name not in EDGE_BACKENDS:
         raise ValueError(f"unknown edge backend {name!r}; choose one of {', '.join(edge_backend_names())}")
     backend = EDGE_BACKENDS[name]
-    reason = backend.why_not(device)
+    reason = _why_not(backend, device, sc)
     if reason is not None:
-        raise RuntimeError(f"edge backend {name!r} cannot run on {device}: {reason}")
+        raise RuntimeError(f"edge backend {name!r} cannot run here: {reason}")
     return backend
 
 
-try:  # the Triton kernels are optional: without triton, only the reference
+try:  # the Triton kernels are optional: without triton, no ``triton`` backend
     from afmp.ops import triton_edge
 except ImportError:
     triton_edge = None
 else:
     register_edge_backend(
-        EdgeBackend("triton", triton_edge.edge_scores, triton_edge.gated_aggregate, triton_edge.why_not),
-        preferred=True,
+        EdgeBackend(
+            "triton",
+            triton_edge.edge_scores,
+            triton_edge.gated_aggregate,
+            triton_edge.why_not,
+            scaffold_why_not=stencil_edge.scaffold_why_not,  # the kernels address a grid
+        )
     )

@@ -1,7 +1,10 @@
 """AFMP's per-edge stage, in plain PyTorch (the reference every fast backend is tested against).
 
 Letters: B batch, N tokens, K neighbour slots, D channels, R router rank (k_dim),
-F hidden width of the score MLP v. ``nbr`` is a scaffold's (N, K) neighbour list.
+F hidden width of the score MLP v. Every backend takes the scaffold (afmp.scaffold)
+as its last argument and uses what it needs of it; the reference reads its (N, K)
+neighbour lists ``nbr`` and edge lengths (``padded_edge_scores`` and
+``padded_gated_aggregate`` take those two alone, for callers that hold no scaffold).
 
 Everything linear was already applied per token (see models/afmp.py), so per edge
 i <- j only gathers and does O(R + F + D) elementwise work:
@@ -19,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from afmp.scaffold import Scaffold
+
 
 def gather_neighbours(x: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
     """(B, N, C) per-token rows -> (B, N, K, C) rows of each token's neighbours.
@@ -29,7 +34,17 @@ def gather_neighbours(x: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
     return x.index_select(1, nbr.reshape(-1)).unflatten(1, nbr.shape)
 
 
-def edge_scores(
+def edge_scores(q, k, a, b, h, p, w_err, w_len, w_out, b_out, sc: Scaffold) -> torch.Tensor:
+    """Routing scores s (B, N, K); padding slots get a finite but meaningless score."""
+    return padded_edge_scores(q, k, a, b, h, p, w_err, w_len, w_out, b_out, sc.neighbors, sc.length)
+
+
+def gated_aggregate(s, keep, m, w_g, b_g, sc: Scaffold) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_j g_ij * m_j  (B, N, D),  mean_D g_ij  (B, N, K), exactly 0 where not kept)."""
+    return padded_gated_aggregate(s, keep, m, w_g, b_g, sc.neighbors)
+
+
+def padded_edge_scores(
     q: torch.Tensor,  # (B, N, R)
     k: torch.Tensor,  # (B, N, R)
     a: torch.Tensor,  # (B, N, F)  i-side of v's first layer, bias included
@@ -42,10 +57,8 @@ def edge_scores(
     b_out: torch.Tensor,  # ()
     nbr: torch.Tensor,  # (N, K) long
     length: torch.Tensor,  # (N, K)
-    reverse: torch.Tensor | None = None,  # (N, K) scaffold's reverse slots: unused here (kernels' backward)
-    slots: torch.Tensor | None = None,  # (E,) scaffold's real-edge slots: unused here (packed backend)
 ) -> torch.Tensor:
-    """Routing scores s (B, N, K); padding slots get a finite but meaningless score."""
+    """``edge_scores`` on neighbour lists ``nbr`` and their lengths."""
     bilinear = (q.unsqueeze(2) * gather_neighbours(k, nbr)).sum(-1)
     hidden = a.unsqueeze(2) + gather_neighbours(b, nbr) + length.unsqueeze(-1).to(a.dtype) * w_len
     if p is not None:
@@ -54,17 +67,15 @@ def edge_scores(
     return bilinear + F.relu(hidden) @ w_out + b_out
 
 
-def gated_aggregate(
+def padded_gated_aggregate(
     s: torch.Tensor,  # (B, N, K) scores
     keep: torch.Tensor,  # (B, N, K) bool: a real edge that survived pruning
     m: torch.Tensor,  # (B, N, D) messages W_msg h_j
     w_g: torch.Tensor,  # (D,)
     b_g: torch.Tensor,  # (D,)
     nbr: torch.Tensor,  # (N, K)
-    reverse: torch.Tensor | None = None,  # as for edge_scores: unused here
-    slots: torch.Tensor | None = None,  # as for edge_scores: unused here
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum_j g_ij * m_j  (B, N, D),  mean_D g_ij  (B, N, K), exactly 0 where not kept)."""
+    """``gated_aggregate`` on neighbour lists ``nbr``."""
     gates = torch.sigmoid(s.unsqueeze(-1) * w_g + b_g) * keep.unsqueeze(-1).to(s.dtype)
     out = (gates * gather_neighbours(m, nbr)).sum(2)
     return out, gates.mean(-1)

@@ -66,18 +66,21 @@ def edge_stage_bandwidth(
     score_hidden: int = 64,
     sparsity: float = 0.3,
     repeats: int = 10,
+    layout: str = "delaunay",
+    radius: int = 1,
 ) -> list[dict]:
     """One dict per backend: times (median ms), bytes it must move, GB/s, fraction of copy GB/s.
 
-    ``grid``: the token grid (side, or (height, width)) of a Delaunay scaffold. A backend
-    that runs out of memory gets ``"error": "out of memory"`` instead of figures.
+    ``grid``: the token grid (side, or (height, width)) of a ``layout`` scaffold
+    (afmp.scaffold.LAYOUTS; ``radius`` for ``window``). A backend that runs out of memory gets ``"error": "out of
+    memory"`` instead of figures.
     """
     from afmp.bench.roofline import load_or_calibrate
     from afmp.bench.timing import is_oom, time_step_ms
 
     device = torch.device(device)
     height, width = (grid, grid) if isinstance(grid, int) else grid
-    sc = scaffold.delaunay_grid(height, width).to(device)
+    sc = scaffold.build(layout, height, width, radius).to(device)
     copy_bytes_per_s = load_or_calibrate(device, dtype)["copy_bytes_per_s"]
     moved = edge_stage_bytes(
         batch,
@@ -91,6 +94,7 @@ def edge_stage_bandwidth(
     base = dict(
         batch=batch,
         grid=f"{height}x{width}",
+        layout=layout,
         tokens=sc.num_tokens,
         max_degree=sc.max_degree,
         d_model=d_model,
@@ -105,7 +109,7 @@ def edge_stage_bandwidth(
         try:
             row.update(
                 _measure(
-                    select_edge_backend(name, device),
+                    select_edge_backend(name, device, sc),
                     sc,
                     batch,
                     d_model,
@@ -134,8 +138,6 @@ def edge_stage_bandwidth(
 def _measure(
     be, sc, batch, d_model, k_dim, score_hidden, dtype, device, sparsity, repeats, time_step_ms
 ) -> dict:
-    nbr, mask, length = sc.neighbors, sc.mask, sc.length
-    lists = dict(reverse=sc.reverse, slots=sc.slots)  # what each backend may use beside nbr
     gen = torch.Generator(device).manual_seed(0)
     x = _inputs(batch, sc, d_model, k_dim, score_hidden, dtype, device, gen)
     score_args = [x[n] for n in ("q", "k", "a", "b", "h", "p", "w_err", "w_len", "w_out", "b_out")]
@@ -143,12 +145,12 @@ def _measure(
     dout = torch.randn(batch, sc.num_tokens, d_model, generator=gen, device=device).to(dtype)
     dgm = torch.randn(batch, sc.num_tokens, sc.max_degree, generator=gen, device=device).to(dtype)
     with torch.no_grad():
-        s0 = be.edge_scores(*score_args, nbr, length, **lists)
-    keep = topk_keep(s0, mask, sc.num_edges, sparsity)  # fixed, so the timed stage is the kernels'
+        s0 = be.edge_scores(*score_args, sc)
+    keep = topk_keep(s0, sc.mask, sc.num_edges, sparsity)  # fixed, so the timed stage is the kernels'
 
     def forward():
-        s = be.edge_scores(*score_args, nbr, length, **lists)
-        return be.gated_aggregate(s, keep, x["m"], x["w_g"], x["b_g"], nbr, **lists)
+        s = be.edge_scores(*score_args, sc)
+        return be.gated_aggregate(s, keep, x["m"], x["w_g"], x["b_g"], sc)
 
     def forward_backward():
         out, gate_mean = forward()
@@ -168,5 +170,5 @@ def _measure(
         row["peak_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
     with torch.no_grad():
         row["fwd_ms"] = median_ms(forward)
-    row["topk_ms"] = median_ms(lambda: topk_keep(s0, mask, sc.num_edges, sparsity))
+    row["topk_ms"] = median_ms(lambda: topk_keep(s0, sc.mask, sc.num_edges, sparsity))
     return row

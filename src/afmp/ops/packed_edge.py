@@ -40,9 +40,10 @@ def _to_slots(per_edge: torch.Tensor, slots: torch.Tensor, nbr: torch.Tensor) ->
     return full.view(batch, *nbr.shape)
 
 
-def edge_scores(q, k, a, b, h, p, w_err, w_len, w_out, b_out, nbr, length, reverse=None, slots=None):
+def edge_scores(q, k, a, b, h, p, w_err, w_len, w_out, b_out, sc):
     """``afmp.ops.edge.edge_scores`` on the real edges; padding slots score 0."""
-    slots, dst, src = edge_list(nbr, slots)
+    nbr, length = sc.neighbors, sc.length
+    slots, dst, src = edge_list(nbr, sc.slots)
     bilinear = (q.index_select(1, dst) * k.index_select(1, src)).sum(-1)
     edge_length = length.flatten().index_select(0, slots).to(a.dtype)
     hidden = a.index_select(1, dst) + b.index_select(1, src) + edge_length.unsqueeze(-1) * w_len
@@ -52,9 +53,10 @@ def edge_scores(q, k, a, b, h, p, w_err, w_len, w_out, b_out, nbr, length, rever
     return _to_slots(bilinear + F.relu(hidden) @ w_out + b_out, slots, nbr)
 
 
-def gated_aggregate(s, keep, m, w_g, b_g, nbr, reverse=None, slots=None):
+def gated_aggregate(s, keep, m, w_g, b_g, sc):
     """``afmp.ops.edge.gated_aggregate`` on the real edges."""
-    slots, dst, src = edge_list(nbr, slots)
+    nbr = sc.neighbors
+    slots, dst, src = edge_list(nbr, sc.slots)
     s_edge = s.flatten(1).index_select(1, slots)
     keep_edge = keep.flatten(1).index_select(1, slots).to(s.dtype)
     gates = torch.sigmoid(s_edge.unsqueeze(-1) * w_g + b_g) * keep_edge.unsqueeze(-1)
