@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 import afmp
 from afmp import cli
 from afmp.ema import WeightEMA
+from afmp.rundir import sha256_file
 from afmp.train import TrainConfig, config_from_args, model_args_for_data, train
 
 TINY = dict(dataset="synthetic", data_opts={"num_samples": 96, "img_size": 16}, batch_size=16, lr=3e-3)
@@ -58,9 +59,13 @@ def test_resume_refuses_a_run_saved_with_another_model(tmp_path):
     """A run saved before checkpoint format 2 has Qhull's scaffold: resuming it as today's
     "delaunay" would train another model, so it stops and says what to pass."""
     train(TrainConfig(model="afmp_tiny", epochs=1, out=str(tmp_path), **TINY))
-    spec = json.loads((tmp_path / "last.json").read_text())
+    folder = tmp_path / "checkpoints" / "epoch-0000"
+    spec = json.loads((folder / "last.json").read_text())
     del spec["format"]  # as the code before format 2 wrote it
-    (tmp_path / "last.json").write_text(json.dumps(spec))
+    (folder / "last.json").write_text(json.dumps(spec))
+    manifest = json.loads((folder / "manifest.json").read_text())  # a consistent checkpoint still
+    manifest["files"]["last.json"] = sha256_file(folder / "last.json")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="scaffold='delaunay_qhull' \\(now 'delaunay'\\)"):
         train(TrainConfig(model="afmp_tiny", epochs=2, out=str(tmp_path), resume=True, **TINY))
     opts = {"scaffold": "delaunay_qhull"}
@@ -171,5 +176,5 @@ def test_select_chooses_the_weights_that_are_tested_and_saved(tmp_path):
             assert runs[select]["selected_epoch"] == runs[select]["best_epoch"]
             assert max(history) == history[runs[select]["best_epoch"] - 1]
             assert same == (runs[select]["best_epoch"] == 4)
-    with pytest.raises(ValueError, match="select must be one of last, best_val"):
+    with pytest.raises(ValueError, match="select must be last or best_val, got .best."):
         train(TrainConfig(out=str(tmp_path / "bad"), select="best"))

@@ -32,6 +32,8 @@ import numpy as np
 
 from afmp import train as trainer
 from afmp.checkpoint import atomic_write, write_json
+from afmp.errors import UsageError, usage_errors
+from afmp.rundir import RunLock, latest_checkpoint
 
 # study -> [(setting, plot label, model options)]
 STUDIES: dict[str, list[tuple[str, str, dict]]] = {
@@ -95,29 +97,46 @@ def _check_same_settings(cfg: trainer.TrainConfig, results: dict, path: Path) ->
     diff = sorted(k for k in asked.keys() | done.keys() if asked.get(k) != done.get(k))
     if diff:
         details = ", ".join(f"{k}: {done.get(k)!r} there, {asked.get(k)!r} now" for k in diff)
-        raise ValueError(f"{path} was trained with other settings ({details}); use a new --out")
+        raise UsageError(f"{path} was trained with other settings ({details}); use a new --out")
 
 
 def run_study(study: str, base: trainer.TrainConfig, seeds: int) -> list[dict]:
     """Train every run still missing, then write summary.csv and comparison.png; returns the summary rows."""
     out = Path(base.out)
-    runs = run_configs(study, base, seeds)
-    write_json(out / "study.json", {"study": study, "seeds": seeds, "base": dataclasses.asdict(base)})
-    for n, (setting, seed, cfg) in enumerate(runs, 1):
-        results_path = Path(cfg.out) / "results.json"
-        if results_path.is_file():
-            _check_same_settings(cfg, json.loads(results_path.read_text()), results_path)
-            print(f"[{n}/{len(runs)}] {setting} seed {seed}: done already, kept")
-            continue
-        if (Path(cfg.out) / "last_state.pt").is_file() and not cfg.resume:
-            print(
-                f"[{n}/{len(runs)}] {setting} seed {seed}: partial run found, starting again (--resume continues it)"
-            )
-        print(f"[{n}/{len(runs)}] {setting} seed {seed} -> {cfg.out}")
-        trainer.train(cfg)
-    rows = summarize(out, study, seeds=range(base.seed, base.seed + seeds))
+    with usage_errors():
+        runs = run_configs(study, base, seeds)
+        for _, _, cfg in runs:  # every run's settings, before the first is trained
+            trainer.check_config(dataclasses.replace(cfg, resume=False))
+    with RunLock(out):  # one study writer; each run then locks its own folder
+        write_json(out / "study.json", {"study": study, "seeds": seeds, "base": dataclasses.asdict(base)})
+        for n, (setting, seed, cfg) in enumerate(runs, 1):
+            results_path = Path(cfg.out) / "results.json"
+            if results_path.is_file():
+                _check_same_settings(cfg, _read_results(results_path), results_path)
+                print(f"[{n}/{len(runs)}] {setting} seed {seed}: done already, kept")
+                continue
+            partial = latest_checkpoint(cfg.out)[0] is not None
+            if partial and not cfg.resume:
+                print(
+                    f"[{n}/{len(runs)}] {setting} seed {seed}: partial run found, starting again (--resume continues it)"
+                )
+            # --resume continues the runs that have a checkpoint and starts the others.
+            cfg = dataclasses.replace(cfg, resume=cfg.resume and partial)
+            print(f"[{n}/{len(runs)}] {setting} seed {seed} -> {cfg.out}")
+            trainer.train(cfg)
+        rows = summarize(out, study, seeds=range(base.seed, base.seed + seeds))
     print_table(rows)
     return rows
+
+
+def _read_results(path: Path) -> dict:
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{path} is not readable JSON ({err}); delete that run to train it again") from err
+    if not isinstance(results, dict):
+        raise UsageError(f"{path}: expected an object of results; delete that run to train it again")
+    return results
 
 
 # -- summary -------------------------------------------------------------------------------
@@ -131,7 +150,7 @@ def load_results(out: Path, study: str, seeds) -> dict[str, list[dict]]:
     found = {}
     for setting, _, _ in STUDIES[study]:
         paths = [run_dir(out, setting, s) / "results.json" for s in seeds]
-        found[setting] = [json.loads(p.read_text()) for p in paths if p.is_file()]
+        found[setting] = [_read_results(p) for p in paths if p.is_file()]
     return found
 
 
@@ -250,5 +269,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.out is None:
         args.out = f"runs/ablate-{args.study}-{args.dataset or trainer.TrainConfig.dataset}"
-    run_study(args.study, trainer.config_from_args(args), args.seeds)
+    with usage_errors():
+        base = trainer.config_from_args(args)
+    run_study(args.study, base, args.seeds)
     return 0

@@ -14,34 +14,55 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from afmp.errors import UsageError
 from afmp.registry import create_model, model_entry
+from afmp.rundir import fsync_path, sha256_file
 
 FORMAT = 2
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary name in the same folder, then rename onto ``path``."""
+    """Call ``write(tmp)`` on a temporary name in the same folder, flush it to disk, then
+    rename it onto ``path``: readers see the old file or the new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
 
 
+def _strict(obj):
+    """``obj`` with NaN and infinities as None: JSON has no such numbers."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | os.PathLike, obj) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+    """Strict JSON (NaN and infinities written as null), atomically."""
+    text = json.dumps(_strict(obj), indent=2, default=str, allow_nan=False) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -59,9 +80,11 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike, stem: str = 
     """Write ``stem.safetensors`` and ``stem.json`` (model name, config, ``extra``) into ``directory``."""
     directory = Path(directory)
     state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
-    atomic_write(directory / f"{stem}.safetensors", lambda tmp: save_file(state, str(tmp)))
-    write_json(directory / f"{stem}.json", {"format": FORMAT, **model_spec(model), **extra})
-    return directory / f"{stem}.safetensors"
+    weights = atomic_write(directory / f"{stem}.safetensors", lambda tmp: save_file(state, str(tmp)))
+    # The JSON names the weights it belongs to: a torn pair or flipped bytes fail on load.
+    spec = {"format": FORMAT, **model_spec(model), **extra, "sha256": sha256_file(weights)}
+    write_json(directory / f"{stem}.json", spec)
+    return weights
 
 
 def load_checkpoint(
@@ -72,21 +95,52 @@ def load_checkpoint(
     spec_path, weights_path = directory / f"{stem}.json", directory / f"{stem}.safetensors"
     for path in (spec_path, weights_path):
         if not path.is_file():
-            raise FileNotFoundError(
-                f"no checkpoint at {directory}: expected {path.name} (written by afmp train)"
-            )
+            raise UsageError(f"no checkpoint at {directory}: expected {path.name} (written by afmp train)")
     name, config = saved_config(spec_path)
     model = create_model(name, **{**config, **overrides})
-    model.load_state_dict(load_file(str(weights_path), device=str(device)))
+    model.load_state_dict(read_weights(weights_path, spec_path, device))
     return model.to(device)
+
+
+def read_weights(weights_path: Path, spec_path: Path, device="cpu") -> dict:
+    """The tensors of ``weights_path``, checked against the checksum its JSON holds (when it
+    holds one: format-1 files have none) and for NaN or infinity."""
+    expected = _read_spec(spec_path).get("sha256")
+    if expected is not None and sha256_file(weights_path) != expected:
+        raise UsageError(
+            f"{weights_path} does not match the checksum in {spec_path.name}: the file is corrupted "
+            "or from another save"
+        )
+    try:
+        state = load_file(str(weights_path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UsageError(f"{weights_path} is not a readable safetensors file ({err})") from err
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UsageError(f"{weights_path} holds NaN or infinite weights in {', '.join(bad[:3])}")
+    return state
+
+
+def _read_spec(spec_path: str | os.PathLike) -> dict:
+    try:
+        spec = json.loads(Path(spec_path).read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{spec_path} is not readable JSON ({err})") from err
+    if (
+        not isinstance(spec, dict)
+        or not isinstance(spec.get("model"), str)
+        or not isinstance(spec.get("config"), dict)
+    ):
+        raise UsageError(f'{spec_path}: expected an object with "model" (a name) and "config" (an object)')
+    return spec
 
 
 def saved_config(spec_path: str | os.PathLike) -> tuple[str, dict]:
     """(registered name, config) of a checkpoint's JSON, upgraded from the format it was saved in."""
-    spec = json.loads(Path(spec_path).read_text())
+    spec = _read_spec(spec_path)
     version = spec.get("format", 1)
-    if version > FORMAT:
-        raise ValueError(f"{spec_path} has checkpoint format {version}; this afmp reads up to {FORMAT}")
+    if not isinstance(version, int) or version > FORMAT:
+        raise UsageError(f"{spec_path} has checkpoint format {version!r}; this afmp reads up to {FORMAT}")
     model_cls, _ = model_entry(spec["model"])
     upgrade = getattr(model_cls, "upgrade_config", None)
     config = upgrade(spec["config"], version) if upgrade else spec["config"]

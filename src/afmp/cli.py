@@ -43,13 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         build_parser([]).print_help()
         return 2
-    from afmp.data import DataUnavailable
+    from afmp.errors import UsageError
 
     try:
         return importlib.import_module(COMMANDS[args.command][0]).main(args) or 0
-    except (ValueError, FileNotFoundError, DataUnavailable) as err:
-        # Bad input is the user's to fix: say what was expected, without a traceback.
-        print(f"afmp {args.command}: error: {err}", file=sys.stderr)
+    except UsageError as err:
+        # Bad input is the user's to fix: say what was expected, without a traceback. Any
+        # other exception is a bug, and its traceback is what a report needs.
+        message = " ".join(str(err).split())  # one line, whatever the message held
+        print(f"afmp {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from afmp.checkpoint import atomic_write, load_checkpoint, write_json
 from afmp.data import build_dataset
+from afmp.errors import UsageError, usage_errors
 from afmp.registry import config_fields, model_entry
 from afmp.train import autocast, resolve_device, to_device
 
@@ -39,7 +40,15 @@ from afmp.train import autocast, resolve_device, to_device
 def run_settings(directory: Path) -> dict:
     """The run's resolved TrainConfig (config.yaml), or {} if it has none."""
     path = directory / "config.yaml"
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        settings = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UsageError(f"{path} is not valid YAML ({err})") from err
+    if not isinstance(settings, dict):
+        raise UsageError(f"{path}: expected a mapping of training settings")
+    return settings
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -115,31 +124,32 @@ def evaluate_checkpoint(
     device: str = "auto",
 ) -> dict:
     """Evaluate DIR's best weights on one split; writes the PNG, CSV and JSON; returns the JSON's dict."""
-    directory = Path(directory)
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"split must be train, val or test, got {split!r}")
-    dev = resolve_device(device)
-    model = load_checkpoint(directory, device=dev)
-    settings = run_settings(directory)
-    same_data = dataset is None or dataset == settings.get("dataset")
-    name = dataset or settings.get("dataset")
-    if not name:
-        raise ValueError(f"{directory} has no config.yaml naming its data set: pass --dataset")
-    # The run's own split seed and options, so that "test" is the test split it never trained on.
-    options = {
-        "data_dir": data_dir or (settings.get("data_dir") if same_data else None),
-        "val_fraction": settings.get("val_fraction", 0.1),
-        "seed": settings.get("seed", 0),
-        **((settings.get("data_opts") or {}) if same_data else {}),
-    }
-    data = build_dataset(name, **options)
-    num_classes = data.model_args.get("num_classes")
-    if num_classes != model.num_classes:
-        raise ValueError(f"data set {name!r} has {num_classes} classes, the model {model.num_classes}")
-    class_names = data.class_names or [str(i) for i in range(num_classes)]
-    loader = torch.utils.data.DataLoader(
-        getattr(data, split), batch_size=batch_size, collate_fn=data.collate_fn
-    )
+    with usage_errors():  # the run, its settings and the data: input, checked before any work
+        directory = Path(directory)
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be train, val or test, got {split!r}")
+        dev = resolve_device(device)
+        model = load_checkpoint(directory, device=dev)
+        settings = run_settings(directory)
+        same_data = dataset is None or dataset == settings.get("dataset")
+        name = dataset or settings.get("dataset")
+        if not name:
+            raise ValueError(f"{directory} has no config.yaml naming its data set: pass --dataset")
+        # The run's own split seed and options, so that "test" is the test split it never trained on.
+        options = {
+            "data_dir": data_dir or (settings.get("data_dir") if same_data else None),
+            "val_fraction": settings.get("val_fraction", 0.1),
+            "seed": settings.get("seed", 0),
+            **((settings.get("data_opts") or {}) if same_data else {}),
+        }
+        data = build_dataset(name, **options)
+        num_classes = data.model_args.get("num_classes")
+        if num_classes != model.num_classes:
+            raise ValueError(f"data set {name!r} has {num_classes} classes, the model {model.num_classes}")
+        class_names = data.class_names or [str(i) for i in range(num_classes)]
+        loader = torch.utils.data.DataLoader(
+            getattr(data, split), batch_size=batch_size, collate_fn=data.collate_fn
+        )
     confusion = confusion_matrix(model, loader, num_classes, dev, amp=settings.get("amp", True))
     total = int(confusion.sum())
     accuracy = 100.0 * int(confusion.diag().sum()) / max(total, 1)
@@ -216,21 +226,33 @@ def median_latency_ms(
     return statistics.median(times)
 
 
+def load_runs(runs: list[str | Path], device: torch.device) -> list[tuple]:
+    """(run, results, model on ``device``, plain-PyTorch model on the CPU) of each run directory."""
+    loaded = []
+    for run in map(Path, runs):
+        results_path = run / "results.json"
+        if not results_path.is_file():
+            raise FileNotFoundError(f"{run}: no results.json (is it a run directory of afmp train?)")
+        try:
+            results = json.loads(results_path.read_text())
+        except ValueError as err:
+            raise ValueError(f"{results_path} is not readable JSON ({err})") from err
+        if not isinstance(results, dict):
+            raise ValueError(f"{results_path}: expected an object of results")
+        model = load_checkpoint(run, device=device)
+        model_cls, _ = model_entry(model.model_name)
+        # FLOPs on the CPU through the plain-PyTorch backends: the counter does not see inside kernels.
+        plain = {"backend": "reference"} if "backend" in config_fields(model_cls) else {}
+        loaded.append((run, results, model, load_checkpoint(run, device="cpu", **plain).eval()))
+    return loaded
+
+
 def compare_runs(
     runs: list[str | Path], *, device: str = "auto", warmup: int = 3, repeats: int = 10
 ) -> list[dict]:
     dev = resolve_device(device)
     rows = []
-    for run in map(Path, runs):
-        results_path = run / "results.json"
-        if not results_path.is_file():
-            raise FileNotFoundError(f"{run}: no results.json (is it a run directory of afmp train?)")
-        results = json.loads(results_path.read_text())
-        model = load_checkpoint(run, device=dev)
-        model_cls, _ = model_entry(model.model_name)
-        # FLOPs on the CPU through the plain-PyTorch backends: the counter does not see inside kernels.
-        plain = {"backend": "reference"} if "backend" in config_fields(model_cls) else {}
-        cpu_model = load_checkpoint(run, device="cpu", **plain).eval()
+    for run, results, model, cpu_model in load_runs(runs, dev):
         rows.append(
             {
                 "run": run.name,
@@ -269,6 +291,8 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def compare_main(args: argparse.Namespace) -> int:
+    with usage_errors():
+        load_runs(args.runs, resolve_device(args.device))  # every run readable before any is timed
     rows = compare_runs(args.runs, device=args.device, warmup=args.warmup, repeats=args.repeats)
     out = Path(args.out)
     write_csv(out / "compare.csv", rows)

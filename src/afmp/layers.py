@@ -22,6 +22,8 @@ def check_image_batch(x: torch.Tensor, in_chans: int, patch_size: int) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"expected an image batch of shape (B, {in_chans}, H, W), got {shape}")
+    if x.shape[0] == 0:  # means over no images are NaN (the sparsity loss among them)
+        raise ValueError(f"expected at least one image, got an empty batch of shape {tuple(x.shape)}")
     if x.shape[1] != in_chans:
         raise ValueError(
             f"expected {in_chans} input channel(s), got {x.shape[1]} (input shape {tuple(x.shape)})"

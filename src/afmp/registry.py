@@ -14,8 +14,10 @@ the valid ones. Each preset is also registered in timm's registry, so that
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
+import typing
 
 from torch import nn
 
@@ -60,6 +62,7 @@ def resolve_config(name: str, **overrides):
     """The full Config a ``create_model(name, **overrides)`` call would use."""
     model_cls, preset = model_entry(name)
     _check_keys(name, model_cls, overrides)
+    _check_types(name, model_cls, overrides)
     return model_cls.Config(**{**preset, **overrides})
 
 
@@ -86,6 +89,28 @@ def _check_keys(name: str, model_cls: type[nn.Module], kwargs: dict) -> None:
         raise ValueError(
             f"unknown option(s) {', '.join(unknown)} for model {name!r}; valid options: {', '.join(valid)}"
         )
+
+
+def _check_types(name: str, model_cls: type[nn.Module], kwargs: dict) -> None:
+    """Options typed bool, int, float or str must be one (YAML's "maybe" is no bool, nan no weight)."""
+    hints = typing.get_type_hints(model_cls.Config)
+    for key, value in kwargs.items():
+        expected = hints.get(key)
+        if expected is bool:
+            ok = isinstance(value, bool)
+        elif expected is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif expected is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        elif expected is str:
+            ok = isinstance(value, str)
+        else:  # unions, tuples, None-able fields: their Config checks them
+            continue
+        if not ok:
+            what = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}[
+                expected
+            ]
+            raise ValueError(f"option {key} of model {name!r} must be {what}, got {value!r}")
 
 
 def _register_with_timm(name: str) -> None:

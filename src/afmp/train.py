@@ -5,10 +5,15 @@ the command line; the resolved settings (model config included) are written
 beside the results. The run directory gets:
 
     config.yaml               resolved settings
-    results.json              accuracies, history, params, peak memory
+    results.json              accuracies, history, params, peak memory (strict JSON)
     model.safetensors/.json   the tested weights (see SELECT) and the model's config
-    last.safetensors/.json    latest weights, with last_state.pt, for --resume
+    last.safetensors/.json    latest weights
+    checkpoints/epoch-N/      the same four files and state.pt (optimizer, schedule,
+                              history), committed whole with checksums: what --resume reads
     history.csv               one row per epoch (and tb/ for TensorBoard with --tensorboard)
+
+Every setting, the data and the model are checked before anything is written, and one
+process at a time writes a run directory (afmp.rundir).
 
 Multi-process (DistributedDataParallel): ``torchrun --nproc_per_node=N -m afmp.train ...``
 (or ``torchrun $(which afmp) train ...``); ``--batch-size`` stays the global batch,
@@ -18,11 +23,14 @@ rank 0 alone writes files, see afmp.distributed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import math
 import random
 import resource
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,15 +39,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from afmp import batch_size as batch_sizing
 from afmp import distributed as ddp
-from afmp.checkpoint import atomic_write, model_spec, save_checkpoint, saved_config, unwrap, write_json
-from afmp.data import build_dataset
+from afmp import rundir
+from afmp.checkpoint import (
+    atomic_write,
+    model_spec,
+    read_weights,
+    save_checkpoint,
+    saved_config,
+    unwrap,
+    write_json,
+)
+from afmp.data import DataBundle, build_dataset
 from afmp.ema import WeightEMA
+from afmp.errors import UsageError, usage_errors
 from afmp.registry import config_fields, create_model, model_entry
 
 
@@ -76,6 +93,88 @@ class TrainConfig:
     viz_every: int = 0  # draw gates and sparsity (afmp.viz) every k epochs; 0 = off
     auto_batch: bool = False  # CUDA: largest batch <= batch_size fitting memory_budget_mb (batch_size.py)
     memory_budget_mb: float = 0.0  # for auto_batch; 0 = 90% of the GPU's memory
+
+
+# Which weights the run tests and saves as model.*. "last": the end of the schedule (the
+# cosine schedule decays to 0, so the last epoch is its intended result). "best_val": the
+# epoch of highest validation accuracy, ties to the later epoch; on a small validation
+# split (180 images on digits, a standard error of about 1.6 points) that choice is mostly
+# noise and leans to earlier epochs trained at a higher learning rate.
+SELECT = ("last", "best_val")
+
+
+# -- checking the settings ----------------------------------------------------------------
+def _integer(low: int):
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low), f"an integer >= {low}"
+
+
+def _number(low: float, high: float = math.inf, *, open_low: bool = False, open_high: bool = False):
+    def ok(v) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        return (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
+
+    if high == math.inf:
+        return ok, f"a number {'>' if open_low else '>='} {low:g}"
+    return ok, f"a number in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+
+
+def _kind(kind: type, name: str):
+    return (lambda v: isinstance(v, kind)), name
+
+
+_FLAG = _kind(bool, "true or false")
+_TEXT = _kind(str, "a string")
+# Field -> (test, what it expects). Every field of TrainConfig is here (a test checks it).
+CHECKS = {
+    "model": _TEXT,
+    "dataset": _TEXT,
+    "data_dir": ((lambda v: v is None or isinstance(v, str)), "a path"),
+    "download": _FLAG,
+    "out": ((lambda v: isinstance(v, str) and v != ""), "a directory path"),
+    "epochs": _integer(1),
+    "batch_size": _integer(1),
+    "lr": _number(0),  # 0 freezes the weights (a test uses it)
+    "weight_decay": _number(0),
+    "scheduler": ((lambda v: v in ("cosine", "plateau")), "cosine or plateau"),
+    "warmup_epochs": _number(0),
+    "clip_grad": _number(0),
+    "label_smoothing": _number(0, 1, open_high=True),
+    "mixup_alpha": _number(0),
+    "ema_decay": _number(0, 1, open_high=True),
+    "select": ((lambda v: v in SELECT), " or ".join(SELECT)),
+    "amp": _FLAG,
+    "device": _TEXT,
+    "seed": _integer(0),
+    "val_fraction": _number(0, 1, open_low=True, open_high=True),
+    "num_workers": _integer(0),
+    "model_opts": _kind(dict, "a mapping of model options"),
+    "data_opts": _kind(dict, "a mapping of data options"),
+    "resume": _FLAG,
+    "tensorboard": _FLAG,
+    "viz_every": _integer(0),
+    "auto_batch": _FLAG,
+    "memory_budget_mb": _number(0),
+}
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Every setting in range, and the run directory writable, before anything runs."""
+    for name, (ok, expected) in CHECKS.items():
+        value = getattr(cfg, name)
+        if not ok(value):
+            flag = f" (--{name.replace('_', '-')})" if "_" in name else ""
+            raise UsageError(f"{name}{flag} must be {expected}, got {value!r}")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; expected a directory (or a path to create one)")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    try:  # a file that is gone when closed: the one sure test (permissions lie to root)
+        if not existing.is_dir():
+            raise NotADirectoryError(existing)
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as err:
+        raise UsageError(f"--out {out}: cannot write in {existing} ({err.strerror or err})") from err
 
 
 # -- set-up -------------------------------------------------------------------------------
@@ -153,14 +252,6 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
 
 
-# Which weights the run tests and saves as model.*. "last": the end of the schedule (the
-# cosine schedule decays to 0, so the last epoch is its intended result). "best_val": the
-# epoch of highest validation accuracy, ties to the later epoch; on a small validation
-# split (180 images on digits, a standard error of about 1.6 points) that choice is mostly
-# noise and leans to earlier epochs trained at a higher learning rate.
-SELECT = ("last", "best_val")
-
-
 # -- the loop -----------------------------------------------------------------------------
 def to_device(batch, device):
     if isinstance(batch, (list, tuple)):
@@ -232,10 +323,21 @@ def evaluate(model, loader, device, amp: bool = True) -> float:
     return 100.0 * correct / max(seen, 1)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train, save and test the selected weights (SELECT); returns results.json's dict."""
-    if cfg.select not in SELECT:
-        raise ValueError(f"select must be one of {', '.join(SELECT)}, got {cfg.select!r}")
+@dataclass
+class Setup:
+    """What a run needs, all of it checked; nothing written yet."""
+
+    cfg: TrainConfig
+    env: ddp.DistEnv
+    device: torch.device
+    data: DataBundle
+    model: torch.nn.Module
+    resume_from: Path | None  # the committed checkpoint folder --resume continues
+
+
+def prepare(cfg: TrainConfig) -> Setup:
+    """Check the settings, build data and model, find what --resume continues; write nothing."""
+    check_config(cfg)
     out = Path(cfg.out)
     env, device = ddp.init(resolve_device(cfg.device))
     seed_everything(cfg.seed)  # the same seed on every rank: the same initial weights
@@ -247,14 +349,24 @@ def train(cfg: TrainConfig) -> dict:
         seed=cfg.seed,
         **cfg.data_opts,
     )
-    model = create_model(cfg.model, **model_args_for_data(cfg.model, data.model_args, cfg.model_opts)).to(
-        device
-    )
-    if cfg.resume and (out / "last.json").exists():
-        check_same_model(out / "last.json", model)  # before anything in the run directory changes
+    model = create_model(cfg.model, **model_args_for_data(cfg.model, data.model_args, cfg.model_opts))
+    resume_from = None
+    if cfg.resume:
+        resume_from, skipped = rundir.latest_checkpoint(out)
+        if resume_from is None:
+            why = f": {skipped[0]}" if skipped else ""
+            old = " (its last_state.pt is from an older afmp, whose checkpoints cannot be verified)"
+            raise UsageError(
+                f"--resume: {out} holds no checkpoint to continue{why}"
+                f"{old if (out / 'last_state.pt').exists() else ''}; run without --resume to start it"
+            )
+        for reason in skipped:
+            print(f"--resume: skipping a newer checkpoint: {reason}")
+        check_same_model(resume_from / "last.json", model)
+    model = model.to(device)
     if cfg.auto_batch:
         if env.world_size > 1:
-            raise ValueError("--auto-batch probes one process's memory; run it without torchrun")
+            raise UsageError("--auto-batch probes one process's memory; run it without torchrun")
         make_batch = batch_sizing.example_batches(model, data.model_args, device)
         found = batch_sizing.find_batch_size(
             model,
@@ -265,6 +377,35 @@ def train(cfg: TrainConfig) -> dict:
             autocast=lambda: autocast(device, cfg.amp),
         )
         cfg = dataclasses.replace(cfg, batch_size=found)
+    return Setup(cfg, env, device, data, model, resume_from)
+
+
+# The files of an epoch's checkpoint that are also published at the top of the run directory.
+PUBLISHED = ("model.safetensors", "model.json", "last.safetensors", "last.json")
+
+
+def publish(folder: Path, out: Path) -> None:
+    """Copy a committed checkpoint's weights to the run directory's top (weights before JSON)."""
+    for name in PUBLISHED:
+        atomic_write(out / name, lambda tmp, src=folder / name: shutil.copyfile(src, tmp))
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train, save and test the selected weights (SELECT); returns results.json's dict."""
+    with usage_errors():
+        setup = prepare(cfg)
+    lock = rundir.RunLock(cfg.out) if setup.env.is_main else contextlib.nullcontext()
+    with lock:
+        return _run(setup)
+
+
+def _run(setup: Setup) -> dict:
+    cfg, env, device, data, model = setup.cfg, setup.env, setup.device, setup.data, setup.model
+    out = Path(cfg.out)
+    log = print if env.is_main else lambda *a, **k: None
+    if env.is_main:
+        for path in rundir.clean_temporaries(out):
+            log(f"removed {path}, left by an interrupted write")
     ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay else None
     model = ddp.wrap(model, env, device)
     # What is validated, tested and saved as model.safetensors: the average when there is one.
@@ -300,10 +441,12 @@ def train(cfg: TrainConfig) -> dict:
     best_val, best_epoch, start_epoch = -1.0, -1, 0
     selected_epoch = -1
 
-    state_path = out / "last_state.pt"
-    if cfg.resume and state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        unwrap(model).load_state_dict(load_file(str(out / "last.safetensors"), device=str(device)))
+    committed = setup.resume_from  # the newest committed checkpoint folder
+    if committed is not None:
+        state = torch.load(committed / "state.pt", map_location=device, weights_only=True)
+        unwrap(model).load_state_dict(
+            read_weights(committed / "last.safetensors", committed / "last.json", device)
+        )
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -312,11 +455,12 @@ def train(cfg: TrainConfig) -> dict:
         if ema is not None:
             ema.load_state_dict(state["ema"])
         start_epoch = state["epoch"] + 1
-        print(f"resuming {out} at epoch {start_epoch + 1}")
+        if env.is_main:
+            publish(committed, out)  # a crash may have stopped the previous publish half-way
+        log(f"resuming {out} at epoch {start_epoch + 1}")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    log = print if env.is_main else lambda *a, **k: None
     tb = None
     if cfg.tensorboard and env.is_main:
         from torch.utils.tensorboard import SummaryWriter
@@ -359,9 +503,6 @@ def train(cfg: TrainConfig) -> dict:
         if selected:
             selected_epoch = epoch
         if env.is_main:
-            if selected:
-                save_checkpoint(final, out, "model", epoch=epoch, val_accuracy=val_acc)
-            save_checkpoint(model, out, "last", epoch=epoch)
             state = {
                 "epoch": epoch,
                 "optimizer": optimizer.state_dict(),
@@ -373,7 +514,20 @@ def train(cfg: TrainConfig) -> dict:
                 "selected_epoch": selected_epoch,
                 **({"ema": ema.state_dict()} if ema is not None else {}),
             }
-            atomic_write(state_path, lambda tmp, s=state: torch.save(s, tmp))
+
+            def fill(
+                folder: Path, epoch=epoch, val_acc=val_acc, selected=selected, state=state, previous=committed
+            ):
+                if selected:
+                    save_checkpoint(final, folder, "model", epoch=epoch, val_accuracy=val_acc)
+                else:  # the selected weights stay those of an earlier epoch
+                    for name in ("model.safetensors", "model.json"):
+                        shutil.copyfile(previous / name, folder / name)
+                save_checkpoint(model, folder, "last", epoch=epoch)
+                torch.save(state, folder / "state.pt")
+
+            committed = rundir.commit_checkpoint(out, epoch, fill)
+            publish(committed, out)
             log_epoch(out, history, tb, lr=optimizer.param_groups[0]["lr"])
             if cfg.viz_every and ((epoch + 1) % cfg.viz_every == 0 or epoch + 1 == cfg.epochs):
                 from afmp import viz
@@ -381,9 +535,8 @@ def train(cfg: TrainConfig) -> dict:
                 viz.epoch_hook(final, data, out, epoch + 1)
         ddp.barrier()  # the other ranks read these files at the end (and on --resume)
 
-    selected_val = history["val_acc"][selected_epoch] if selected_epoch >= 0 else float("nan")
-    if selected_epoch >= 0:
-        final.load_state_dict(load_file(str(out / "model.safetensors"), device=str(device)))
+    selected_val = history["val_acc"][selected_epoch]
+    final.load_state_dict(read_weights(out / "model.safetensors", out / "model.json", device))
     test_acc = evaluate(final, test_loader, device, cfg.amp)
     peak, peak_source = peak_memory_mb(device)
     results = {
@@ -504,7 +657,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values: dict = {}
     if args.config:
-        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        try:
+            loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UsageError(f"{args.config} is not valid YAML ({err})") from err
         if not isinstance(loaded, dict):
             raise ValueError(f"{args.config}: expected a mapping of TrainConfig fields")
         values.update(loaded)
@@ -526,7 +682,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(args: argparse.Namespace) -> int:
-    train(config_from_args(args))
+    with usage_errors():
+        cfg = config_from_args(args)
+    train(cfg)
     return 0
 
 

@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 
 from afmp.checkpoint import atomic_write, load_checkpoint, write_json  # noqa: E402
+from afmp.errors import usage_errors  # noqa: E402
 
 
 # -- gates ----------------------------------------------------------------------------------
@@ -222,25 +223,28 @@ def load_images(paths, *, in_chans: int, size: int, mean, std) -> torch.Tensor:
 
 
 def main(args: argparse.Namespace) -> int:
-    run_dir = Path(args.checkpoint)
-    if bool(args.images) == bool(args.dataset):
-        raise ValueError("give either --images FILE ... or --dataset NAME (with --num N)")
-    model = load_checkpoint(run_dir, args.stem, device=args.device)
-    if args.dataset:
-        from afmp.data import build_dataset
+    with usage_errors():  # reading the run and the images; drawing is not input
+        run_dir = Path(args.checkpoint)
+        if bool(args.images) == bool(args.dataset):
+            raise ValueError("give either --images FILE ... or --dataset NAME (with --num N)")
+        model = load_checkpoint(run_dir, args.stem, device=args.device)
+        if not hasattr(model, "scaffold_for"):
+            raise ValueError(f"{run_dir} holds a {model.model_name} model; afmp viz draws AFMP's gates only")
+        if args.dataset:
+            from afmp.data import build_dataset
 
-        data = build_dataset(args.dataset, data_dir=args.data_dir)
-        if args.num < 1:
-            raise ValueError(f"--num must be at least 1, got {args.num}")
-        images = torch.stack([data.test[i][0] for i in range(min(args.num, len(data.test)))])
-        mean, std = data.mean, data.std
-    else:
-        mean, std = (
-            (args.mean, args.std) if args.mean and args.std else _training_stats(run_dir, args.data_dir)
-        )
-        images = load_images(
-            args.images, in_chans=model.cfg.in_chans, size=model.cfg.img_size, mean=mean, std=std
-        )
+            data = build_dataset(args.dataset, data_dir=args.data_dir)
+            if args.num < 1:
+                raise ValueError(f"--num must be at least 1, got {args.num}")
+            images = torch.stack([data.test[i][0] for i in range(min(args.num, len(data.test)))])
+            mean, std = data.mean, data.std
+        else:
+            mean, std = (
+                (args.mean, args.std) if args.mean and args.std else _training_stats(run_dir, args.data_dir)
+            )
+            images = load_images(
+                args.images, in_chans=model.cfg.in_chans, size=model.cfg.img_size, mean=mean, std=std
+            )
     out = Path(args.out) if args.out else run_dir / "viz"
     written = render(model, images.to(args.device), out, args.stem, mean=mean, std=std, graphs=len(images))
     print(f"wrote {len(written)} figures to {out}")

@@ -25,6 +25,7 @@ import torch
 
 from afmp.bench import pareto, plots, roofline, scaling
 from afmp.checkpoint import atomic_write, write_json
+from afmp.errors import usage_errors
 
 DEFAULTS = {
     "cpu": dict(
@@ -137,9 +138,10 @@ def write_table(out: Path, stem: str, rows: list[dict], columns: list[str]) -> N
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.study == "pareto" and not args.runs:
-        raise ValueError("afmp bench pareto needs --runs DIR [DIR ...] (afmp train output directories)")
-    cfg = config_from_args(args)
+    with usage_errors():
+        if args.study == "pareto" and not args.runs:
+            raise ValueError("afmp bench pareto needs --runs DIR [DIR ...] (afmp train output directories)")
+        cfg = config_from_args(args)
     device = torch.device(cfg.device)
     out = Path(cfg.out)
     calib = roofline.load_or_calibrate(device, scaling.DTYPES[cfg.dtype], refresh=cfg.recalibrate)

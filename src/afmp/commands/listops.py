@@ -11,6 +11,7 @@ import argparse
 import time
 
 from afmp.data import listops
+from afmp.errors import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     for name in ("train", "val", "test"):
         if getattr(args, name) < 0:
-            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+            raise UsageError(f"--{name} must be >= 0, got {getattr(args, name)}")
     started = time.perf_counter()
     settings = listops.generate_files(
         args.out,

@@ -36,6 +36,7 @@ import torch
 from afmp.checkpoint import atomic_write, write_json
 from afmp.data import DataBundle, DataUnavailable, register_dataset
 from afmp.data.text import TextDataset, pad_collate
+from afmp.errors import UsageError
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 # LRA's generator also defines FIRST and LAST, unused by its "basic" task; the reader
@@ -163,14 +164,14 @@ def generate(
 ) -> list[tuple[str, int]]:
     """``num`` distinct (source, value) pairs with min_length < length < max_length (LRA's test)."""
     if num < 0:
-        raise ValueError(f"number of examples must be >= 0, got {num}")
+        raise UsageError(f"number of examples must be >= 0, got {num}")
     if min_length < 0 or max_length - min_length < 2:
-        raise ValueError(
+        raise UsageError(
             f"lengths are kept strictly between min_length and max_length (as LRA does); "
             f"got {min_length} and {max_length}, which leave no length"
         )
     if max_depth < 2 or max_args < 2:
-        raise ValueError(f"max_depth and max_args must be >= 2, got {max_depth} and {max_args}")
+        raise UsageError(f"max_depth and max_args must be >= 2, got {max_depth} and {max_args}")
     rng = random.Random(seed)
     trees: dict = {}  # insertion-ordered set
     max_tries = max_tries if max_tries is not None else 2000 * num + 100_000
