@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import afmp
 from afmp import scaffold
 from afmp.ops import select_edge_backend
+from afmp.ops.edge import topk_keep
 
 
 def per_edge_layer(layer, h, t, sc, sparsity):
@@ -103,7 +104,7 @@ def test_exactly_rho_of_each_images_edges_are_pruned(sparsity):
         assert bool((gates[:, ~mask] == 0).all())  # padding slots carry nothing
         for b in range(3):
             pruned = int((gates[b][mask] == 0).sum())
-            assert abs(pruned - sparsity * num_edges) <= 1
+            assert pruned == round(sparsity * num_edges)
             assert bool((gates[b][mask][gates[b][mask] != 0] > 0).all())
 
 
@@ -135,6 +136,52 @@ def test_top_down_changes_the_logits_and_learns():
     (logits.square().sum() + aux["sparsity_loss"]).backward()
     for name, p in with_td.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_top_down_refines_each_level_by_the_refined_level_above():
+    """s_2 stays, s_1 <- s_1 + W_1 s_2, s_0 <- s_0 + W_0 s_1 (refined), and the readout takes s_0;
+    without top-down it takes the top level s_2. The bottom-up levels come from the same weights
+    with top-down off."""
+    torch.manual_seed(0)
+    opts = dict(num_classes=4, num_layers=3, d_model=16, k_dim=8, score_hidden=8, backend="reference")
+    with_td = afmp.create_model("afmp_tiny", **opts).double().eval()
+    without = afmp.create_model("afmp_tiny", use_top_down=False, **opts).double().eval()
+    without.load_state_dict(with_td.state_dict(), strict=False)
+    with torch.no_grad():
+        for p in with_td.top_down.parameters():  # of the order of the states, so they matter
+            p.normal_(0.0, 0.5)
+        x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+        bottom_up, aux = without.forward_features(x, return_aux=True)
+        s0, s1, s2 = aux["states"]
+        torch.testing.assert_close(bottom_up, s2)
+        td = with_td.top_down
+        refined1 = s1 + td[1](s2)
+        expected = s0 + td[0](refined1)
+        torch.testing.assert_close(with_td.forward_features(x), expected, rtol=1e-10, atol=1e-10)
+        assert not torch.allclose(expected, s0, atol=1e-3)
+
+
+def test_topk_keeps_exactly_k_edges_per_image_whatever_the_other_images_score():
+    mask = torch.tensor([[True, True], [True, False], [True, True]])  # 5 real edges, 1 padding slot
+    s = torch.tensor(
+        [
+            [[0.5, 0.1], [0.9, 7.0], [0.3, -1.0]],  # 7.0 is on the padding slot
+            [[5.0, 4.0], [3.0, 0.0], [2.0, 1.0]],
+        ]
+    )
+    # 40% of 5 edges pruned: the 3 best real edges of each image stay.
+    expected = torch.tensor(
+        [
+            [[True, False], [True, False], [True, False]],
+            [[True, True], [True, False], [False, False]],
+        ]
+    )
+    assert torch.equal(topk_keep(s, mask, 5, 0.4), expected)
+    # Image 1 scoring far lower (or higher) changes nothing in image 0.
+    for other in (s[1] - 100.0, s[1] + 100.0):
+        keep = topk_keep(torch.stack([s[0], other]), mask, 5, 0.4)
+        assert torch.equal(keep[0], expected[0]) and torch.equal(keep[1], expected[1])
+    assert torch.equal(topk_keep(s, mask, 5, 0.0), mask.expand(2, 3, 2))  # dense: every real edge
 
 
 def test_the_same_weights_run_at_another_resolution():

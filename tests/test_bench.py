@@ -265,12 +265,25 @@ def test_bench_end_to_end_writes_every_file(tmp_path):
     ]
     records = json.loads((out / "scaling.json").read_text())
     assert [r["model"] for r in records] == [r["model"] for r in rows]
+    config = json.loads((out / "bench_config.json").read_text())
+    assert config["config"]["resolutions"] == [32, 64]
+    calib = config["calibration"]
+    num_classes = config["config"]["num_classes"]
+    afmp_params = sum(p.numel() for p in afmp.create_model("afmp_tiny", num_classes=num_classes).parameters())
     for r in records:
         assert r["oom"] is False and r["ms_min"] <= r["ms_median"] <= r["ms_max"]
-        assert r["roofline_ms"] > 0 and r["total_gflops"] >= r["matmul_gflops"] > 0 and r["gbytes"] > 0
-        assert r["params"] > 0 and r["peak_source"] in ("rss_hwm_delta", "unavailable")
-    config = json.loads((out / "bench_config.json").read_text())
-    assert config["config"]["resolutions"] == [32, 64] and config["calibration"]["peak_flops_per_s"] > 0
+        assert r["total_gflops"] >= r["matmul_gflops"] > 0 and r["gbytes"] > 0
+        # The roofline: every flop at the calibrated matmul rate or every byte at copy speed, the slower.
+        bound_s = max(
+            r["total_gflops"] * 1e9 / calib["peak_flops_per_s"], r["gbytes"] * 1e9 / calib["copy_bytes_per_s"]
+        )
+        assert r["roofline_ms"] == pytest.approx(1e3 * bound_s, rel=1e-9)
+        assert r["peak_source"] in ("rss_hwm_delta", "unavailable")
+    assert [r["params"] for r in records if r["model"] == "afmp_tiny"] == [afmp_params] * 2
+    # AFMP's work is per token and per edge: 4x the tokens, about 4x the matmul flops (the head's
+    # per-image matmul aside).
+    small, large = (r["matmul_gflops"] for r in records if r["model"] == "afmp_tiny")
+    assert 3.5 < large / small <= 4.0
 
 
 def test_bench_rejects_bad_input(tmp_path, capsys):
@@ -300,9 +313,12 @@ def test_pareto_end_to_end(tmp_path):
     with open(out / "pareto.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["run"], float(r["accuracy"])) for r in rows] == [("dense", 61.5), ("sparse", 60.0)]
-    assert all(
-        float(r["ms_b1"]) > 0 and float(r["ms_b64"]) > 0 and float(r["matmul_gflops"]) > 0 for r in rows
-    )
+    params = sum(p.numel() for p in afmp.create_model("afmp_tiny", num_classes=10).parameters())
+    for r in rows:
+        assert (r["resolution"], r["tokens"], int(r["params"])) == ("32", "16", params)
+        assert float(r["ms_b1"]) > 0 and float(r["ms_b64"]) > 0 and float(r["matmul_gflops"]) > 0
+    # Pruning gates edges, it removes no matmul: dense and sparse cost the same matmul flops.
+    assert float(rows[0]["matmul_gflops"]) == pytest.approx(float(rows[1]["matmul_gflops"]))
     assert (out / "pareto.png").stat().st_size > 0
     with pytest.raises(FileNotFoundError, match="results.json"):
         cli.pareto.read_accuracy(tmp_path)
@@ -331,9 +347,8 @@ def test_edge_study_writes_the_stage_bandwidth_per_backend(tmp_path):
 def test_edge_study_takes_the_scaffold_from_model_options(tmp_path):
     out = tmp_path / "edge"
     argv = ["bench", "edge", "--device", "cpu", "--resolutions", "48", "--batch-size", "1", "--repeats", "1"]
-    opts = ["--model-opt", "scaffold=window", "--model-opt", "window_radius=2"]
+    opts = ["--model-opt", "scaffold=delaunay_qhull"]  # 8 masked offsets where delaunay has 6
     assert afmp.cli.main([*argv, *opts, "--out", str(out)]) == 0
     with open(out / "edge.csv") as f:
         rows = list(csv.DictReader(f))
-    # A radius-2 window has 5 x 5 - 1 offsets.
-    assert rows and {(r["layout"], r["max_degree"]) for r in rows} == {("window", "24")}
+    assert rows and {(r["layout"], r["max_degree"]) for r in rows} == {("delaunay_qhull", "8")}

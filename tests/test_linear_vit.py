@@ -3,19 +3,24 @@ the shared skeleton, training through afmp.train, and `afmp eval` / `afmp compar
 
 import csv
 import json
+import math
 import pickle
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 import afmp
 from afmp import cli
+from afmp.data import build_dataset
 from afmp.evaluate import compare_runs, evaluate_checkpoint
 from afmp.models.linear_attention import (
+    BolyaHydraAttention,
     HydraAttention,
     RippleAttention,
+    SoftmaxAttention,
     hydra_bolya,
     merge_heads,
     ripple_pool,
@@ -26,6 +31,13 @@ from afmp.registry import resolve_config
 from afmp.train import TrainConfig, train
 
 FAMILIES = ["vit_baseline", "ripple_vit", "hydra_vit", "hydra_bolya_vit"]
+# What each family's name promises: Config.attention and the token mixer's class.
+KINDS = {
+    "vit_baseline": ("softmax", SoftmaxAttention),
+    "ripple_vit": ("ripple", RippleAttention),
+    "hydra_vit": ("hydra", HydraAttention),
+    "hydra_bolya_vit": ("hydra_bolya", BolyaHydraAttention),
+}
 
 
 # -- ripple pooling on literal grids ----------------------------------------------------------
@@ -83,16 +95,127 @@ def test_ripple_attention_equals_explicit_pyramid_attention():
 
 
 def test_hydra_attention_equals_branches_with_shared_kv():
+    """Away from the preset: three branches of rank 2 (the formula is _hydra_formula, below)."""
     torch.manual_seed(0)
-    dim, heads, branches = 8, 2, 3
-    block = HydraAttention(dim, num_heads=heads, branches=branches, backend="reference").double()
-    x = torch.randn(2, 9, dim, dtype=torch.float64)
-    k, v = (split_heads(u, heads) for u in block.kv(x).chunk(2, dim=-1))
-    outs = []
-    for b, q in enumerate(block.q(x).chunk(branches, dim=-1)):  # branch b's own query projection
-        outs.append(merge_heads(linear_attention_quadratic(split_heads(q, heads), k, v)))
-        assert block.q.weight[b * dim : (b + 1) * dim].shape == (dim, dim)
-    torch.testing.assert_close(block(x, (3, 3)), block.fuse(torch.cat(outs, -1)), rtol=1e-10, atol=1e-10)
+    block = HydraAttention(8, num_heads=2, branches=3, rank=2, backend="reference").double()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.5)
+        x = torch.randn(2, 9, 8, dtype=torch.float64)
+        expected = _hydra_formula(block, x, (3, 3))
+        torch.testing.assert_close(block(x, (3, 3)), expected, rtol=1e-10, atol=1e-12)
+        # The branches differ: with one branch's own term alone, the output changes.
+        block.up[1:].zero_()
+        assert not torch.allclose(block(x, (3, 3)), expected, atol=1e-3)
+
+
+# -- each preset's mixer computes its family's formula (written here by hand, float64) -----------
+def _affine(x, layer):
+    return x @ layer.weight.T + layer.bias
+
+
+def _heads(t, heads):  # (B, T, H * Dh) -> (B, H, T, Dh): head h is channels h * Dh to (h + 1) * Dh
+    b, n, c = t.shape
+    return t.reshape(b, n, heads, c // heads).permute(0, 2, 1, 3)
+
+
+def _merge(t):  # (B, H, T, Dh) -> (B, T, H * Dh)
+    b, h, n, d = t.shape
+    return t.permute(0, 2, 1, 3).reshape(b, n, h * d)
+
+
+def _linear_attention(q, k, v, eps=1e-6):
+    """phi(q_i) . phi(k_j) weights, normalised per query, phi(x) = [max(x, 0), max(-x, 0)]."""
+
+    def phi(x):
+        return torch.cat([x.clamp(min=0), (-x).clamp(min=0)], dim=-1)
+
+    kernel = phi(q) @ phi(k).transpose(-2, -1)  # (B, H, N, M)
+    return kernel @ v / (kernel.sum(-1, keepdim=True) + eps)
+
+
+def _softmax_formula(attn, x, grid):
+    """proj(concat_h softmax(Q_h K_h^T / sqrt(Dh)) V_h)."""
+    q, k, v = (_heads(t, attn.num_heads) for t in _affine(x, attn.qkv).chunk(3, -1))
+    weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
+    return _affine(_merge(weights @ v), attn.proj)
+
+
+def _ripple_formula(attn, x, grid):
+    """On a 4x4 grid: queries attend (linearly) to the class token, the four 2x2 block means and
+    the grid mean of K and V; grid tokens also get a depthwise 3x3 conv of the block means of V
+    repeated to 4x4."""
+    assert grid == (4, 4)
+    b, _, c = x.shape
+    q, k, v = (_heads(t, attn.num_heads) for t in _affine(x, attn.qkv).chunk(3, -1))
+
+    def pyramid(t):  # (B, H, 1 + 16, Dh) -> (B, H, 1 + 4 + 1, Dh)
+        g = t[:, :, 1:].reshape(*t.shape[:2], 4, 4, t.shape[-1])
+        blocks = [g[:, :, r : r + 2, s : s + 2].mean((2, 3)) for r in (0, 2) for s in (0, 2)]
+        return torch.stack([t[:, :, 0], *blocks, g.mean((2, 3))], dim=2)
+
+    out = _merge(_linear_attention(q, pyramid(k), pyramid(v)))
+    means = _merge(pyramid(v)[:, :, 1:5]).reshape(b, 2, 2, c)
+    up = means.repeat_interleave(2, 1).repeat_interleave(2, 2)  # nearest: each mean on its 2x2 block
+    padded = F.pad(up, (0, 0, 1, 1, 1, 1))  # zeros around the 4x4 grid
+    w = attn.expand.weight[:, 0]  # (C, 3, 3), one filter per channel
+    conv = attn.expand.bias + sum(
+        padded[:, dy : dy + 4, dx : dx + 4] * w[:, dy, dx] for dy in range(3) for dx in range(3)
+    )
+    out = out + torch.cat([torch.zeros_like(out[:, :1]), conv.reshape(b, 16, c)], dim=1)
+    return _affine(out, attn.proj)
+
+
+def _hydra_formula(attn, x, grid):
+    """Branch r's queries are the shared ones plus a rank-R term of its own, q_r = W_q x + b_q +
+    U_r V_r x (V_r: rows r*R..(r+1)*R of ``down``, U_r = ``up[r]``); each branch and head attends
+    linearly to the shared K/V heads; the branches' mean is projected."""
+    heads, rank = attn.num_heads, attn.rank
+    q, k, v = _affine(x, attn.qkv).chunk(3, -1)
+    k, v = _heads(k, heads), _heads(v, heads)
+    low = x @ attn.down.weight.T  # (B, T, branches * R), no bias
+    outs = [
+        _merge(_linear_attention(_heads(q + low[..., r * rank : (r + 1) * rank] @ attn.up[r], heads), k, v))
+        for r in range(attn.branches)
+    ]
+    return _affine(sum(outs) / attn.branches, attn.proj)
+
+
+def _hydra_bolya_formula(attn, x, grid):
+    """proj(q^ * sum_n k^_n * v_n), q^ and k^ of unit length per token."""
+    q, k, v = _affine(x, attn.qkv).chunk(3, -1)
+    q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
+    return _affine(q * (k * v).sum(dim=1, keepdim=True), attn.proj)
+
+
+FORMULAS = {
+    "vit_baseline": _softmax_formula,
+    "ripple_vit": _ripple_formula,
+    "hydra_vit": _hydra_formula,
+    "hydra_bolya_vit": _hydra_bolya_formula,
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_presets_mixer_is_the_kind_its_name_says(family):
+    attention, mixer = KINDS[family]
+    for size in ("tiny", "cifar", "tin"):
+        assert resolve_config(f"{family}_{size}").attention == attention
+    model = afmp.create_model(f"{family}_tiny")
+    assert all(type(block.attn) is mixer for block in model.blocks)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_presets_mixer_computes_its_familys_formula(family):
+    torch.manual_seed(0)
+    model = afmp.create_model(f"{family}_tiny", img_size=16, embed_dim=8, num_heads=2, depth=1).double()
+    attn = model.blocks[0].attn
+    with torch.no_grad():
+        for p in attn.parameters():  # weights and biases all of order 1, none left at 0
+            p.normal_(0.0, 0.5)
+        x = torch.randn(2, 1 + 16, 8, dtype=torch.float64)  # class token + a 4x4 grid
+        expected = FORMULAS[family](attn, x, (4, 4))
+        torch.testing.assert_close(attn(x, (4, 4)), expected, rtol=1e-10, atol=1e-12)
 
 
 # -- the skeleton -------------------------------------------------------------------------------
@@ -112,7 +235,7 @@ def test_family_presets_are_registered_in_both_registries():
 def test_every_family_shares_the_skeleton_and_resamples_positions(family):
     torch.manual_seed(0)
     model = afmp.create_model(f"{family}_tiny").eval()
-    assert len(model.blocks) == 4 and model.blocks[0].attn.__class__.__name__.endswith("Attention")
+    assert len(model.blocks) == 4 and all(type(b.attn) is KINDS[family][1] for b in model.blocks)
     assert model(model.example_input(size=48)).shape == (2, 100)  # 12x12 grid, pos embed resampled
     x = model.example_input(size=32)
     torch.testing.assert_close(model._pos_embed((8, 8)), model.pos_embed)
@@ -148,8 +271,20 @@ def test_every_family_trains_through_afmp_train(tmp_path, family):
     results = _train(tmp_path, f"{family}_tiny", label_smoothing=0.1, mixup_alpha=0.2)
     history = results["training_history"]
     assert len(history["train_loss"]) == 1 and np.isfinite(history["train_loss"][0])
-    assert 0.0 <= results["test_accuracy"] <= 100.0
-    assert (tmp_path / f"{family}_tiny" / "model.safetensors").is_file()
+    run = tmp_path / f"{family}_tiny"
+    # Every weight moved from where the seed put it: gradients reached every parameter.
+    spec = json.loads((run / "last.json").read_text())
+    torch.manual_seed(0)  # train seeds with cfg.seed (0) before it builds the model
+    initial = afmp.create_model(spec["model"], **spec["config"]).state_dict()
+    trained = load_file(str(run / "last.safetensors"))
+    assert trained.keys() == initial.keys()
+    assert [k for k in trained if torch.equal(trained[k], initial[k])] == []
+    # The reported test accuracy is that of the saved weights on the test split.
+    test = build_dataset("synthetic", val_fraction=0.1, num_samples=64, img_size=32).test
+    assert len(test) == 13  # one batch of the 16 afmp train evaluates in
+    with torch.no_grad():
+        predicted = afmp.load_checkpoint(run).eval()(test.images).argmax(-1)
+    assert results["test_accuracy"] == pytest.approx(100.0 * int((predicted == test.labels).sum()) / 13)
 
 
 def test_mixup_rejects_negative_alpha(tmp_path):

@@ -6,8 +6,10 @@ import json
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 import afmp.models  # noqa: F401  (registers the presets)
+from afmp import load_checkpoint
 from afmp.batch_size import find_batch_size, search_batch_size
 from afmp.data import DataUnavailable, build_dataset
 from afmp.data import listops as L
@@ -235,8 +237,16 @@ def _train(tmp_path, model, dataset, data_dir, **kw):
         **kw,
     )
     results = train(cfg)
-    saved = json.loads((tmp_path / f"run-{model}-{dataset}" / "results.json").read_text())
-    assert saved["test_accuracy"] == results["test_accuracy"] and 0 <= results["test_accuracy"] <= 100
+    run = tmp_path / f"run-{model}-{dataset}"
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["test_accuracy"] == results["test_accuracy"]
+    # The reported test accuracy is that of the saved weights on the test split, in batches of 8.
+    data = build_dataset(dataset, data_dir=str(data_dir), val_fraction=0.1, seed=0, **kw.get("data_opts", {}))
+    net, correct = load_checkpoint(run).eval(), 0
+    with torch.no_grad():
+        for tokens, labels in DataLoader(data.test, batch_size=8, collate_fn=data.collate_fn):
+            correct += int((net(tokens).argmax(-1) == labels).sum())
+    assert results["test_accuracy"] == pytest.approx(100.0 * correct / len(data.test))
     return results
 
 
@@ -256,3 +266,22 @@ def test_train_agnews_imdb_listops(tmp_path):
         len(L.encode(s)) for split in L.SPLITS for s in L.read_tsv(tmp_path / "lo" / f"basic_{split}.tsv")[0]
     )
     assert r["config"]["resolved_model"]["config"]["max_len"] == longest  # the position table fits the data
+
+
+@pytest.mark.parametrize("name", ["diffusion_text", "transformer_text_matched"])
+def test_forward_head_with_the_padding_mask_is_forward(name):
+    from afmp.models.text import PAD_ID
+
+    torch.manual_seed(0)
+    model = afmp.create_model(name, vocab_size=50, max_len=16).eval()
+    x = torch.randint(1, 50, (3, 12))
+    x[0, 7:] = PAD_ID  # padded: the pooling must skip these
+    x[1, 3:] = PAD_ID
+    with torch.no_grad():
+        logits = model(x)
+        features = model.forward_features(x)
+        torch.testing.assert_close(model.forward_head(features, mask=x != PAD_ID), logits)
+        # Without the mask the padding is pooled too: only the unpadded row agrees.
+        unmasked = model.forward_head(features)
+        torch.testing.assert_close(unmasked[2], logits[2])
+        assert not torch.allclose(unmasked[:2], logits[:2])

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from afmp.errors import UsageError
-from afmp.registry import create_model, model_entry
+from afmp.registry import create_model, default_name, model_entry
 from afmp.rundir import fsync_path, sha256_file
 
 FORMAT = 2
@@ -72,8 +72,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def model_spec(model: nn.Module) -> dict:
+    """The registered name (a class's first preset for a model built from its class) and config."""
     model = unwrap(model)
-    return {"model": model.model_name, "config": dataclasses.asdict(model.cfg)}
+    name = getattr(model, "model_name", None) or default_name(type(model))
+    return {"model": name, "config": dataclasses.asdict(model.cfg)}
 
 
 def save_checkpoint(model: nn.Module, directory: str | os.PathLike, stem: str = "model", **extra) -> Path:

@@ -6,15 +6,36 @@ import torch
 from torch import nn
 
 
+def make_head(num_features: int, num_classes: int) -> nn.Module:
+    """The classifier: linear, or (``num_classes=0``, as in timm) none, so the model returns features."""
+    return nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
 class ClassifierMixin:
-    """timm's classifier interface, for a model whose linear head is ``self.head``."""
+    """timm's classifier interface, for a model whose classifier is ``self.head`` on
+    ``num_features`` pooled features. ``global_pool`` is how the model pools its tokens
+    (``POOL``, e.g. "avg" or "token"); "" leaves them unpooled, so that ``forward_head``
+    with ``pre_logits`` (or no classifier) returns every token's features."""
+
+    POOL = "avg"
+
+    @property
+    def head_hidden_size(self) -> int:
+        return self.num_features
 
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
+        if global_pool is not None:
+            if global_pool not in ("", self.POOL):
+                raise ValueError(f"global_pool must be {self.POOL!r} or '' (no pooling), got {global_pool!r}")
+            self.global_pool = global_pool
         self.num_classes = self.cfg.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        old = next(self.parameters())
+        self.head = make_head(self.num_features, num_classes).to(device=old.device, dtype=old.dtype)
 
 
 def check_image_batch(x: torch.Tensor, in_chans: int, patch_size: int) -> None:

@@ -1,9 +1,10 @@
 """One registry and one factory for every model family.
 
 A model family is an ``nn.Module`` subclass with a nested ``Config`` dataclass and a
-constructor ``Model(cfg)``. A preset is a name plus the config fields it sets::
+constructor ``Model(cfg)``. A preset is a name, the data set it is made for (its
+normalisation goes into the model's timm ``pretrained_cfg``) and the config fields it sets::
 
-    register_model("afmp_tiny", AFMP, num_layers=4, d_model=128, patch_size=8)
+    register_model("afmp_tiny", AFMP, data="cifar100", num_layers=4, d_model=128, patch_size=8)
 
 ``create_model(name, **overrides)`` builds ``Config(**{**preset, **overrides})``,
 so every config field is an override and an unknown one is an error that lists
@@ -14,6 +15,7 @@ the valid ones. Each preset is also registered in timm's registry, so that
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 import sys
 import types
@@ -21,26 +23,75 @@ import typing
 
 from torch import nn
 
+from afmp.datastats import STATS
+
 _MODELS: dict[str, tuple[type[nn.Module], dict]] = {}
+_DATA: dict[str, str | None] = {}  # preset -> the data set it is made for (afmp.datastats)
 
 # Keyword arguments timm.create_model adds on its own; they mean nothing to our models.
 _TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
-def register_model(name: str, model_cls: type[nn.Module], **preset) -> None:
-    """Register preset ``name`` of ``model_cls`` (its ``Config`` fields in ``preset``)."""
+def register_model(name: str, model_cls: type[nn.Module], *, data: str | None = None, **preset) -> None:
+    """Register preset ``name`` of ``model_cls`` (its ``Config`` fields in ``preset``; ``data``:
+    the image data set it is made for, a key of afmp.datastats.STATS, or None)."""
     if name in _MODELS:
         raise ValueError(f"model {name!r} is already registered")
+    if data is not None and data not in STATS:
+        raise ValueError(f"unknown data set {data!r} for {name!r}; known: {', '.join(STATS)}")
     config_fields(model_cls)  # fails early if the family has no Config dataclass
     _check_keys(name, model_cls, preset)
     _MODELS[name] = (model_cls, dict(preset))
+    _DATA[name] = data
     _register_with_timm(name)
 
 
 def list_models(pattern: str | None = None) -> list[str]:
-    """Registered model names, sorted; ``pattern`` is a substring filter."""
+    """Registered model names, sorted. ``pattern``: a shell-style wildcard as in timm
+    (``"afmp_*"``, ``"*_vit_t?n"``), or without wildcards a substring."""
     names = sorted(_MODELS)
-    return [n for n in names if pattern is None or pattern in n]
+    if pattern is None:
+        return names
+    if any(c in pattern for c in "*?["):
+        return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    return [n for n in names if pattern in n]
+
+
+def default_name(model_cls: type[nn.Module]) -> str:
+    """The first preset registered for ``model_cls``: the name a model built from its class
+    is saved under (its full config is saved too, so any preset of the class rebuilds it)."""
+    for name, (cls, _) in _MODELS.items():
+        if cls is model_cls:
+            return name
+    raise ValueError(f"{model_cls.__name__} has no registered preset; register one to save it")
+
+
+def pretrained_cfg(name: str, cfg) -> dict:
+    """timm's description of a model built from preset ``name`` with config ``cfg``: input
+    size, normalisation of its data, classes, and the classifier's and first layer's names."""
+    out = {
+        "architecture": name,
+        "num_classes": cfg.num_classes,
+        "classifier": "head",
+        "license": "mit",
+        "tag": "",
+        "hf_hub_id": None,
+        "url": None,
+    }
+    if hasattr(cfg, "img_size"):  # an image model
+        out.update(
+            input_size=(cfg.in_chans, cfg.img_size, cfg.img_size),
+            fixed_input_size=False,
+            interpolation="bicubic",
+            crop_pct=1.0,
+            first_conv="patch_embed.proj",
+        )
+        data = _DATA.get(name)
+        if data is not None and len(STATS[data][0]) == cfg.in_chans:
+            out["mean"], out["std"] = STATS[data]
+    else:  # a sequence model: token ids in, no normalisation
+        out.update(first_conv="embed", max_len=cfg.max_len, vocab_size=cfg.vocab_size)
+    return out
 
 
 def model_entry(name: str) -> tuple[type[nn.Module], dict]:
@@ -71,15 +122,17 @@ def create_model(name: str, **overrides) -> nn.Module:
     model_cls, _ = model_entry(name)
     model = model_cls(resolve_config(name, **overrides))
     model.model_name = name
+    model.pretrained_cfg = model.default_cfg = pretrained_cfg(name, model.cfg)
     return model
 
 
-def check_positive_ints(cfg, *names: str) -> None:
-    """For a Config's ``__post_init__``: each named field must be an int >= 1 (a bool is not)."""
+def check_positive_ints(cfg, *names: str, minimum: int = 1) -> None:
+    """For a Config's ``__post_init__``: each named field must be an int >= ``minimum`` (a bool is not)."""
     for name in names:
         value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
 def _check_keys(name: str, model_cls: type[nn.Module], kwargs: dict) -> None:

@@ -24,13 +24,7 @@ from torchvision.datasets.utils import download_and_extract_archive
 
 from afmp.data import DataBundle, DataUnavailable, register_dataset
 from afmp.data.images import split_indices
-
-# Per-channel mean and std of each data set's training images (the values in common use).
-STATS = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "tiny-imagenet": ((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)),
-}
+from afmp.datastats import STATS  # per-channel mean and std of each set's training images
 
 
 def image_transforms(name: str, size: int, train: bool):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from afmp import scaffold as scaffolds
-from afmp.layers import ClassifierMixin, PatchEmbed, check_image_batch, grid_centres
+from afmp.layers import ClassifierMixin, PatchEmbed, check_image_batch, grid_centres, make_head
 from afmp.ops import edge_backend_names, select_edge_backend
 from afmp.ops.edge import topk_keep
 from afmp.registry import check_positive_ints, register_model
@@ -100,13 +100,13 @@ class AFMP(ClassifierMixin, nn.Module):
                 "img_size",
                 "patch_size",
                 "in_chans",
-                "num_classes",
                 "num_layers",
                 "d_model",
                 "k_dim",
                 "score_hidden",
                 "window_radius",
             )
+            check_positive_ints(self, "num_classes", minimum=0)  # 0: no classifier, features out
             if self.img_size % self.patch_size:
                 raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
             if not 0.0 <= self.sparsity < 1.0:
@@ -143,7 +143,8 @@ class AFMP(ClassifierMixin, nn.Module):
         n_top_down = cfg.num_layers - 1 if cfg.use_top_down else 0
         self.top_down = nn.ModuleList(nn.Linear(cfg.d_model, cfg.d_model) for _ in range(n_top_down))
         self.norm = nn.LayerNorm(cfg.d_model) if cfg.readout_norm else nn.Identity()
-        self.head = nn.Linear(cfg.d_model, cfg.num_classes)
+        self.global_pool = self.POOL
+        self.head = make_head(cfg.d_model, cfg.num_classes)
         # The default grid's scaffold lives in non-persistent buffers (they follow .to(device)
         # and stay out of the state dict, so the same weights load at any resolution).
         grid = cfg.img_size // cfg.patch_size
@@ -225,7 +226,7 @@ class AFMP(ClassifierMixin, nn.Module):
         return out, aux
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        pooled = self.norm(features.mean(1))
+        pooled = self.norm(features.mean(1) if self.global_pool else features)
         return pooled if pre_logits else self.head(pooled)
 
     def forward(self, x: torch.Tensor, return_aux: bool = False):
@@ -237,12 +238,13 @@ class AFMP(ClassifierMixin, nn.Module):
     def example_input(self, batch_size: int = 2, size: int | None = None) -> torch.Tensor:
         """A random input batch of the shape this model takes (``size``: image side)."""
         size = size or self.cfg.img_size
-        return torch.randn(batch_size, self.cfg.in_chans, size, size, device=self.head.weight.device)
+        return torch.randn(batch_size, self.cfg.in_chans, size, size, device=self.pos_embed.weight.device)
 
 
 register_model(
     "afmp_tiny",
     AFMP,
+    data="cifar100",
     img_size=32,
     patch_size=8,
     num_layers=4,
@@ -254,6 +256,7 @@ register_model(
 register_model(
     "afmp_small",
     AFMP,
+    data="imagenet",  # ImageNet-sized input (224²), the scaling study's
     img_size=224,
     patch_size=16,
     num_layers=5,
@@ -265,6 +268,7 @@ register_model(
 register_model(
     "afmp_tiny_dense",
     AFMP,
+    data="cifar100",
     img_size=32,
     patch_size=8,
     num_layers=4,

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from afmp.layers import ClassifierMixin
+from afmp.layers import ClassifierMixin, make_head
 from afmp.registry import check_positive_ints, register_model
 
 PAD_ID = 0
@@ -75,7 +75,8 @@ class TextClassifier(ClassifierMixin, nn.Module):
         self.pre_logits = nn.Sequential(
             nn.Linear(cfg.embed_dim, cfg.embed_dim), nn.GELU(), nn.Dropout(cfg.dropout)
         )
-        self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
+        self.global_pool = self.POOL
+        self.head = make_head(cfg.embed_dim, cfg.num_classes)
 
     def embed_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_tokens(x, self.cfg.vocab_size)
@@ -84,7 +85,10 @@ class TextClassifier(ClassifierMixin, nn.Module):
     def forward_head(
         self, features: torch.Tensor, pre_logits: bool = False, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        pooled = self.pre_logits(masked_mean(features, mask))
+        """Pool over the valid tokens and classify. ``mask`` (B, L), True where a token is
+        real (``x != PAD_ID``), as timm's variable-length ViT takes ``patch_valid``: without
+        it every position counts, padding included."""
+        pooled = self.pre_logits(masked_mean(features, mask) if self.global_pool else features)
         return pooled if pre_logits else self.head(pooled)
 
     def forward(self, x: torch.Tensor, return_aux: bool = False):
@@ -95,11 +99,12 @@ class TextClassifier(ClassifierMixin, nn.Module):
     def example_input(self, batch_size: int = 2, size: int | None = None) -> torch.Tensor:
         """Random token ids (B, size), no padding; ``size`` is the sequence length (default 64)."""
         size = size or min(64, self.cfg.max_len)
-        return torch.randint(1, self.cfg.vocab_size, (batch_size, size), device=self.head.weight.device)
+        return torch.randint(1, self.cfg.vocab_size, (batch_size, size), device=self.embed.weight.device)
 
 
 def _check_positive(cfg, names) -> None:
-    check_positive_ints(cfg, *names)
+    check_positive_ints(cfg, *(n for n in names if n != "num_classes"))
+    check_positive_ints(cfg, "num_classes", minimum=0)  # 0: no classifier, features out
     if cfg.vocab_size < 2:
         raise ValueError(f"vocab_size must be >= 2 (id 0 is padding), got {cfg.vocab_size}")
     if not 0.0 <= cfg.dropout < 1.0:

@@ -7,7 +7,8 @@ the class token. ``Config.attention`` names the mixer:
 
     softmax      SDPA softmax attention                        (vit_baseline_*)
     ripple       RippleAttention, ``ripple_stages`` pools       (ripple_vit_*)
-    hydra        the seed's HydraAttention, ``hydra_branches``  (hydra_vit_*)
+    hydra        the seed's HydraAttention, ``hydra_branches``,  (hydra_vit_*)
+                 ``hydra_rank`` (at the seed's parameter budget)
     hydra_bolya  Bolya et al.'s Hydra attention                 (hydra_bolya_vit_*)
 
 Presets: ``*_tiny`` (CIFAR 32x32, patch 4, trains on a CPU), ``*_cifar`` (the
@@ -24,7 +25,7 @@ import torch
 from timm.layers import DropPath, Mlp, resample_abs_pos_embed, trunc_normal_
 from torch import nn
 
-from afmp.layers import ClassifierMixin, PatchEmbed, check_image_batch
+from afmp.layers import ClassifierMixin, PatchEmbed, check_image_batch, make_head
 from afmp.models.linear_attention import (
     BolyaHydraAttention,
     HydraAttention,
@@ -47,7 +48,11 @@ def attention_layer(cfg) -> partial:
         )
     if cfg.attention == "hydra":
         return partial(
-            HydraAttention, num_heads=cfg.num_heads, branches=cfg.hydra_branches, backend=cfg.backend
+            HydraAttention,
+            num_heads=cfg.num_heads,
+            branches=cfg.hydra_branches,
+            rank=cfg.hydra_rank,
+            backend=cfg.backend,
         )
     if cfg.attention == "hydra_bolya":
         return partial(BolyaHydraAttention)
@@ -71,6 +76,8 @@ class Block(nn.Module):
 
 
 class VisionTransformer(ClassifierMixin, nn.Module):
+    POOL = "token"  # the class token is the pooled feature
+
     @dataclass
     class Config:
         img_size: int = 32
@@ -84,6 +91,7 @@ class VisionTransformer(ClassifierMixin, nn.Module):
         attention: str = "softmax"  # one of ATTENTIONS
         ripple_stages: int = 3  # RippleAttention: 2x2 pooling stages (8x8 -> 4x4, 2x2, 1x1)
         hydra_branches: int = 4  # HydraAttention: query branches sharing K/V
+        hydra_rank: int = 32  # HydraAttention: rank of each branch's own query term
         drop_path_rate: float = 0.0  # stochastic depth, rising linearly to this at the last block
         backend: str = "auto"  # linear attention: see afmp.ops.linear_attention
 
@@ -93,13 +101,14 @@ class VisionTransformer(ClassifierMixin, nn.Module):
                 "img_size",
                 "patch_size",
                 "in_chans",
-                "num_classes",
                 "embed_dim",
                 "depth",
                 "num_heads",
                 "ripple_stages",
                 "hydra_branches",
+                "hydra_rank",
             )
+            check_positive_ints(self, "num_classes", minimum=0)  # 0: no classifier, features out
             if self.img_size % self.patch_size:
                 raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
             if self.embed_dim % self.num_heads:
@@ -136,7 +145,8 @@ class VisionTransformer(ClassifierMixin, nn.Module):
             for i in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(cfg.embed_dim)
-        self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
+        self.global_pool = self.POOL
+        self.head = make_head(cfg.embed_dim, cfg.num_classes)
         trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         self.apply(_init_weights)
@@ -157,7 +167,7 @@ class VisionTransformer(ClassifierMixin, nn.Module):
         return (x, {"grid": grid}) if return_aux else x
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        pooled = features[:, 0]
+        pooled = features[:, 0] if self.global_pool else features
         return pooled if pre_logits else self.head(pooled)
 
     def forward(self, x: torch.Tensor, return_aux: bool = False):
@@ -181,21 +191,27 @@ def _init_weights(module: nn.Module) -> None:
 
 
 # -- presets --------------------------------------------------------------------------------
-_SIZES = {
-    "tiny": dict(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4, num_classes=100),
-    "cifar": dict(
-        img_size=32, patch_size=4, embed_dim=384, depth=12, num_heads=6, num_classes=100, drop_path_rate=0.1
-    ),
-    "tin": dict(
-        img_size=64, patch_size=8, embed_dim=384, depth=12, num_heads=6, num_classes=200, drop_path_rate=0.1
-    ),
-}
-_FAMILIES = {
-    "vit_baseline": "softmax",
-    "ripple_vit": "ripple",
-    "hydra_vit": "hydra",
-    "hydra_bolya_vit": "hydra_bolya",
-}
-for _family, _attention in _FAMILIES.items():
-    for _size, _preset in _SIZES.items():
-        register_model(f"{_family}_{_size}", VisionTransformer, attention=_attention, **_preset)
+# One line per preset. Sizes: "tiny" (CIFAR, 32², small), "cifar" (CIFAR, 32², DeiT-Small's
+# width and depth), "tin" (Tiny ImageNet, 64², the same); the family names the attention.
+_TINY = dict(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4, num_classes=100)
+_CIFAR = dict(
+    img_size=32, patch_size=4, embed_dim=384, depth=12, num_heads=6, num_classes=100, drop_path_rate=0.1
+)
+_TIN = dict(
+    img_size=64, patch_size=8, embed_dim=384, depth=12, num_heads=6, num_classes=200, drop_path_rate=0.1
+)
+
+register_model("vit_baseline_tiny", VisionTransformer, data="cifar100", attention="softmax", **_TINY)
+register_model("vit_baseline_cifar", VisionTransformer, data="cifar100", attention="softmax", **_CIFAR)
+register_model("vit_baseline_tin", VisionTransformer, data="tiny-imagenet", attention="softmax", **_TIN)
+register_model("ripple_vit_tiny", VisionTransformer, data="cifar100", attention="ripple", **_TINY)
+register_model("ripple_vit_cifar", VisionTransformer, data="cifar100", attention="ripple", **_CIFAR)
+register_model("ripple_vit_tin", VisionTransformer, data="tiny-imagenet", attention="ripple", **_TIN)
+register_model("hydra_vit_tiny", VisionTransformer, data="cifar100", attention="hydra", hydra_rank=8, **_TINY)
+register_model("hydra_vit_cifar", VisionTransformer, data="cifar100", attention="hydra", **_CIFAR)
+register_model("hydra_vit_tin", VisionTransformer, data="tiny-imagenet", attention="hydra", **_TIN)
+register_model("hydra_bolya_vit_tiny", VisionTransformer, data="cifar100", attention="hydra_bolya", **_TINY)
+register_model("hydra_bolya_vit_cifar", VisionTransformer, data="cifar100", attention="hydra_bolya", **_CIFAR)
+register_model(
+    "hydra_bolya_vit_tin", VisionTransformer, data="tiny-imagenet", attention="hydra_bolya", **_TIN
+)
