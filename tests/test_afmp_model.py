@@ -238,3 +238,21 @@ def test_forward_compiles_without_graph_breaks():
     model = afmp.create_model("afmp_tiny", num_classes=10).eval()
     explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 32, 32))
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_forward_intermediates_gives_each_level_as_a_map():
+    torch.manual_seed(0)
+    model = afmp.create_model("afmp_tiny", img_size=32, patch_size=8, num_layers=3, d_model=16).eval()
+    x = model.example_input(batch_size=2)
+    with torch.no_grad():
+        features, aux = model.forward_features(x, return_aux=True)
+        final, maps = model.forward_intermediates(x)
+        torch.testing.assert_close(final, features)
+        assert [tuple(m.shape) for m in maps] == [(2, 16, 4, 4)] * 3
+        # Token (row 1, column 2) of level 2 is map position [:, :, 1, 2] (row-major tokens).
+        torch.testing.assert_close(maps[2][:, :, 1, 2], aux["states"][2][:, 1 * 4 + 2])
+        last = model.forward_intermediates(x, indices=1, output_fmt="NLC", intermediates_only=True)
+        assert len(last) == 1
+        torch.testing.assert_close(last[0], aux["states"][2])
+    with pytest.raises(ValueError, match="indices must be levels in \\[0, 3\\)"):
+        model.forward_intermediates(x, indices=[3])

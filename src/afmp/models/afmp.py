@@ -225,6 +225,33 @@ class AFMP(ClassifierMixin, nn.Module):
         }
         return out, aux
 
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """timm's feature API: each level's states (after the top-down pass) as (B, D, gh, gw)
+        maps, or (B, N, D) with ``output_fmt="NLC"``. ``indices``: the levels (0 = the first
+        layer's), or an int n for the last n; default all. Returns (features the head pools,
+        maps), or the maps alone with ``intermediates_only``."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be NCHW or NLC, got {output_fmt!r}")
+        levels = self.cfg.num_layers
+        if indices is None:
+            indices = list(range(levels))
+        elif isinstance(indices, int):
+            indices = list(range(levels - indices, levels))
+        if not all(isinstance(i, int) and -levels <= i < levels for i in indices):
+            raise ValueError(f"indices must be levels in [0, {levels}), got {indices!r}")
+        features, aux = self.forward_features(x, return_aux=True)
+        (gh, gw), states = aux["grid"], aux["states"]
+        maps = [states[i] for i in indices]
+        if output_fmt == "NCHW":
+            maps = [m.transpose(1, 2).unflatten(-1, (gh, gw)) for m in maps]
+        return maps if intermediates_only else (features, maps)
+
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         pooled = self.norm(features.mean(1) if self.global_pool else features)
         return pooled if pre_logits else self.head(pooled)
