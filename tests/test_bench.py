@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 from dataclasses import dataclass
 from functools import partial
 
@@ -352,3 +353,20 @@ def test_edge_study_takes_the_scaffold_from_model_options(tmp_path):
     with open(out / "edge.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows and {(r["layout"], r["max_degree"]) for r in rows} == {("delaunay_qhull", "8")}
+
+
+def test_bench_records_threads_and_load_and_warns_when_the_machine_is_busy(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(os, "getloadavg", lambda: (7.5, 1.0, 1.0))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    out = tmp_path / "bench"
+    argv = ["bench", "--models", "afmp_tiny", "--resolutions", "32", "--batch-size", "1", "--repeats", "1"]
+    assert afmp.cli.main([*argv, "--warmup", "0", "--device", "cpu", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "threads: 1 of 2 CPUs, load average 7.5" in printed
+    assert "warning: the load average (7.5) says other work is running" in printed
+    machine = json.loads((out / "bench_config.json").read_text())["machine"]
+    assert machine == {"threads": 1, "cpus": 2, "load_1min": 7.5}
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 1.0, 1.0))
+    assert afmp.cli.main([*argv, "--warmup", "0", "--device", "cpu", "--out", str(out)]) == 0
+    assert "warning" not in capsys.readouterr().out

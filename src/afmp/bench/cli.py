@@ -18,6 +18,7 @@ import argparse
 import csv
 import dataclasses
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -137,6 +138,11 @@ def write_table(out: Path, stem: str, rows: list[dict], columns: list[str]) -> N
     write_json(out / f"{stem}.json", clean)
 
 
+def machine_state() -> dict:
+    """What a CPU timing depends on besides the code: torch's threads, the CPUs, other work."""
+    return {"threads": torch.get_num_threads(), "cpus": os.cpu_count() or 1, "load_1min": os.getloadavg()[0]}
+
+
 def main(args: argparse.Namespace) -> int:
     with usage_errors():
         if args.study == "pareto" and not args.runs:
@@ -149,10 +155,19 @@ def main(args: argparse.Namespace) -> int:
         f"roofline ({calib['device']}, {calib['dtype']}): {calib['peak_flops_per_s'] / 1e12:.2f} TFLOP/s matmul, "
         f"{calib['copy_bytes_per_s'] / 1e9:.1f} GB/s copy"
     )
+    machine = machine_state()
+    print(f"threads: {machine['threads']} of {machine['cpus']} CPUs, load average {machine['load_1min']:.1f}")
+    if device.type == "cpu" and machine["load_1min"] > 0.5 * machine["cpus"]:
+        print(
+            f"warning: the load average ({machine['load_1min']:.1f}) says other work is running on these "
+            f"{machine['cpus']} CPUs; CPU timings will be slower and their ranking can change. Time one "
+            "thing at a time, and compare ratios within one run (OMP_NUM_THREADS sets the threads)."
+        )
     meta = {
         "study": args.study,
         "config": dataclasses.asdict(cfg),
         "calibration": calib,
+        "machine": machine,
         "torch": torch.__version__,
         "command": sys.argv,
     }
