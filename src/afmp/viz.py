@@ -179,7 +179,9 @@ def epoch_hook(model, data, out, epoch: int, num_images: int = 16) -> list[Path]
 # -- afmp viz -------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="run directory written by afmp train")
-    p.add_argument("--stem", default="model", help="which weights: model (best validation) or last")
+    p.add_argument(
+        "--stem", default="model", help="which weights: model (those the run tested, see --select) or last"
+    )
     p.add_argument("--images", nargs="+", metavar="FILE", help="image files to draw over")
     p.add_argument("--dataset", help="draw over the first --num test images of this data set instead")
     p.add_argument("--data-dir", help="where the data set's files are")
