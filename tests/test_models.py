@@ -17,11 +17,9 @@ IMAGE_MODELS = [n for n in afmp.list_models() if hasattr(afmp.create_model(n).cf
 def test_registered_model_forward_backward(name):
     torch.manual_seed(0)
     # Stochastic depth can drop a whole block for a batch of two: off, so every weight is reached.
-    no_drop = (
-        {"drop_path_rate": 0.0}
-        if "drop_path_rate" in afmp.registry.config_fields(type(afmp.create_model(name)))
-        else {}
-    )
+    # A ResNet's zero-initialised last norm per block cuts its branch off at the first step: off too.
+    fields = afmp.registry.config_fields(type(afmp.create_model(name)))
+    no_drop = {k: v for k, v in (("drop_path_rate", 0.0), ("zero_init_last", False)) if k in fields}
     model = afmp.create_model(name, **no_drop)
     assert model.model_name == name
     x = model.example_input(batch_size=2)
@@ -74,19 +72,26 @@ def test_timm_contract(name):
 @pytest.mark.parametrize("name", IMAGE_MODELS)
 def test_unpooled_features_and_num_classes_zero(name):
     torch.manual_seed(0)
-    model = afmp.create_model(name).eval()
+    family = name.split("_")[0]
+    # At 32² a ResNet's last map is 1x1, where every pooling agrees: 64² leaves it 2x2.
+    model = afmp.create_model(name, **({"img_size": 64} if family == "convnet" else {})).eval()
     x = model.example_input(batch_size=2)
     with torch.no_grad():
         features = model.forward_features(x)
         pooled = model.forward_head(features, pre_logits=True)
-        # The pooling each family documents: the class token (ViT), the token mean then the
-        # readout norm (AFMP).
-        expected = features[:, 0] if model.POOL == "token" else model.norm(features.mean(1))
-        assert model.POOL == ("token" if name.split("_")[0] != "afmp" else "avg")
+        # The pooling each family documents: the token mean then the readout norm (AFMP), the
+        # mean over the (B, C, H, W) map (convnet), the class token (ViTs).
+        expected = {
+            "afmp": lambda: model.norm(features.mean(1)),
+            "convnet": lambda: features.mean((2, 3)),
+        }.get(family, lambda: features[:, 0])()
+        assert model.POOL == ("avg" if family in ("afmp", "convnet") else "token")
         torch.testing.assert_close(pooled, expected)
         model.reset_classifier(0, "")  # as timm: no pooling, no classifier
-        assert model(x).shape == features.shape and features.dim() == 3
-        headless = afmp.create_model(name, num_classes=0).eval()
+        assert model(x).shape == features.shape and features.dim() == (4 if family == "convnet" else 3)
+        headless = afmp.create_model(
+            name, num_classes=0, **({"img_size": 64} if family == "convnet" else {})
+        ).eval()
         headless.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("head.")})
         torch.testing.assert_close(headless(x), pooled)
 

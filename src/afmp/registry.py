@@ -123,6 +123,8 @@ def create_model(name: str, **overrides) -> nn.Module:
     model = model_cls(resolve_config(name, **overrides))
     model.model_name = name
     model.pretrained_cfg = model.default_cfg = pretrained_cfg(name, model.cfg)
+    if hasattr(model, "first_conv"):  # a family whose first layer is not a patch embedding
+        model.pretrained_cfg["first_conv"] = model.first_conv
     return model
 
 
