@@ -2,11 +2,13 @@
 
 import csv
 import json
+import math
 import statistics
 
 import pytest
 
-from afmp import ablate, cli
+import afmp_cli as cli
+from afmp import ablate
 from afmp.train import TrainConfig
 
 TINY = ["-o", "d_model=16", "-o", "num_layers=2", "-o", "k_dim=8", "-o", "score_hidden=8"]
@@ -17,23 +19,32 @@ def _args(study, out, *extra):
 
 
 def test_study_settings():
-    no_td = {"use_top_down": False}
     assert ablate.STUDIES["sparsity"] == [
-        ("dense", "Dense", {"sparsity": 0.0, "lambda_sparse": 0.0, **no_td}),
-        *[
-            (f"rho{r}", f"ρ={r}", {"sparsity": r, "lambda_sparse": 1e-4, **no_td})
-            for r in (0.2, 0.3, 0.4, 0.5, 0.6)
-        ],
+        ("dense", "Dense", {"sparsity": 0.0, "lambda_sparse": 0.0}),
+        *[(f"rho{r}", f"ρ={r}", {"sparsity": r, "lambda_sparse": 1e-4}) for r in (0.2, 0.3, 0.4, 0.5, 0.6)],
     ]
     assert ablate.STUDIES["lambda"] == [
-        ("lambda1e-3", "λ=1e-3", {"sparsity": 0.3, "lambda_sparse": 1e-3, **no_td}),
-        ("lambda1e-4", "λ=1e-4", {"sparsity": 0.3, "lambda_sparse": 1e-4, **no_td}),
-        ("lambda1e-5", "λ=1e-5", {"sparsity": 0.3, "lambda_sparse": 1e-5, **no_td}),
+        ("lambda1e-3", "λ=1e-3", {"sparsity": 0.3, "lambda_sparse": 1e-3}),
+        ("lambda1e-4", "λ=1e-4", {"sparsity": 0.3, "lambda_sparse": 1e-4}),
+        ("lambda1e-5", "λ=1e-5", {"sparsity": 0.3, "lambda_sparse": 1e-5}),
     ]
     assert ablate.STUDIES["topdown"] == [
         ("topdown", "Top-down", {"sparsity": 0.3, "lambda_sparse": 1e-4, "use_top_down": True}),
         ("no_topdown", "No top-down", {"sparsity": 0.3, "lambda_sparse": 1e-4, "use_top_down": False}),
     ]
+    # The paper's text leaves top-down out of the first two studies; -o use_top_down=true puts it in.
+    assert ablate.STUDY_DEFAULTS == {"sparsity": {"use_top_down": False}, "lambda": {"use_top_down": False}}
+
+
+def test_paired_comparison_by_seed():
+    # Seeds 0..3 in common (seed 7 has no partner); differences +2, -1, +5 and a tie, 0.
+    got = ablate.paired({0: 90.0, 1: 91.0, 2: 89.0, 3: 80.0, 7: 50.0}, {2: 94.0, 1: 90.0, 0: 92.0, 3: 80.0})
+    assert got["pairs"] == 4 and got["ahead"] == 2  # a tie is not ahead
+    assert got["diff_mean"] == pytest.approx(1.5) and got["diff_std"] == pytest.approx(7**0.5)
+    # t = 1.5 / (sqrt(7) / 2) = 1.1339 on 3 degrees of freedom: two-sided p = 0.3393.
+    assert got["p_value"] == pytest.approx(0.33925, abs=1e-4)
+    assert ablate.paired({0: 1.0}, {1: 2.0})["pairs"] == 0
+    assert math.isnan(ablate.paired({0: 1.0}, {0: 2.0})["p_value"])  # one pair: no spread
 
 
 def test_run_configs(tmp_path):
@@ -45,6 +56,10 @@ def test_run_configs(tmp_path):
     setting, seed, cfg = runs[1]
     assert cfg.out == str(tmp_path / "rho0.2" / "seed5") and cfg.lr == 3e-3
     assert cfg.model_opts == {"d_model": 16, "sparsity": 0.2, "lambda_sparse": 1e-4, "use_top_down": False}
+    with_td = ablate.run_configs("lambda", TrainConfig(model_opts={"use_top_down": True}), seeds=1)
+    assert [c.model_opts["use_top_down"] for _, _, c in with_td] == [True] * 3
+    with pytest.raises(ValueError, match="sets use_top_down itself"):
+        ablate.run_configs("topdown", TrainConfig(model_opts={"use_top_down": True}), seeds=1)
     with pytest.raises(ValueError, match="sets sparsity itself"):
         ablate.run_configs("topdown", TrainConfig(model_opts={"sparsity": 0.1}), seeds=1)
     with pytest.raises(ValueError, match="at least 1"):
@@ -74,6 +89,11 @@ def test_topdown_study_end_to_end_and_continue(tmp_path, capsys):
         assert float(row["test_mean"]) == pytest.approx(statistics.fmean(tests))
         assert float(row["test_std"]) == pytest.approx(statistics.stdev(tests))
         assert float(row["epoch_time_s"]) == pytest.approx(statistics.fmean(times))
+        diffs = [tests[k] - results["topdown", k]["test_accuracy"] for k in (0, 1)]
+        assert row["vs"] == "topdown" and float(row["test_diff_mean"]) == pytest.approx(
+            statistics.fmean(diffs)
+        )
+        assert row["test_ahead"] == str(sum(d > 0 for d in diffs))
     assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()
 

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import afmp
-import afmp.cli
+import afmp_cli
 from afmp import registry
 from afmp.bench import baselines, cli, counting, plots, roofline, scaling
 from afmp.checkpoint import save_checkpoint, write_json
@@ -250,7 +250,7 @@ def test_bench_end_to_end_writes_every_file(tmp_path):
     out = tmp_path / "bench"
     argv = ["bench", "--models", "afmp_tiny,deit_tiny_unfused", "--resolutions", "32,64", "--batch-size", "2"]
     argv += ["--repeats", "2", "--warmup", "1", "--device", "cpu", "--out", str(out)]
-    assert afmp.cli.main(argv) == 0
+    assert afmp_cli.main(argv) == 0
     for name in ("scaling.csv", "scaling.json", "bench_config.json", "time_vs_tokens.png"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "memory_vs_tokens.png").exists() and (out / "latency_vs_flops.png").exists()
@@ -288,7 +288,7 @@ def test_bench_end_to_end_writes_every_file(tmp_path):
 
 
 def test_bench_rejects_bad_input(tmp_path, capsys):
-    assert afmp.cli.main(["bench", "--models", "nope", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert afmp_cli.main(["bench", "--models", "nope", "--device", "cpu", "--out", str(tmp_path)]) == 2
     assert "unknown model" in capsys.readouterr().err
     with pytest.raises(ValueError, match="mode"):
         _config(mode="backward")
@@ -310,7 +310,7 @@ def test_pareto_end_to_end(tmp_path):
         runs.append(str(tmp_path / name))
     out = tmp_path / "pareto"
     argv = ["bench", "pareto", "--runs", *runs, "--repeats", "1", "--warmup", "0", "--device", "cpu"]
-    assert afmp.cli.main([*argv, "--out", str(out)]) == 0
+    assert afmp_cli.main([*argv, "--out", str(out)]) == 0
     with open(out / "pareto.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["run"], float(r["accuracy"])) for r in rows] == [("dense", 61.5), ("sparse", 60.0)]
@@ -330,7 +330,7 @@ def test_edge_study_writes_the_stage_bandwidth_per_backend(tmp_path):
 
     out = tmp_path / "edge"
     argv = ["bench", "edge", "--device", "cpu", "--resolutions", "48", "--batch-size", "2", "--repeats", "1"]
-    assert afmp.cli.main([*argv, "--out", str(out)]) == 0
+    assert afmp_cli.main([*argv, "--out", str(out)]) == 0
     with open(out / "edge.csv") as f:
         rows = list(csv.DictReader(f))
     # Every backend that can run here: reference, packed, stencil, and triton where its
@@ -349,7 +349,7 @@ def test_edge_study_takes_the_scaffold_from_model_options(tmp_path):
     out = tmp_path / "edge"
     argv = ["bench", "edge", "--device", "cpu", "--resolutions", "48", "--batch-size", "1", "--repeats", "1"]
     opts = ["--model-opt", "scaffold=delaunay_qhull"]  # 8 masked offsets where delaunay has 6
-    assert afmp.cli.main([*argv, *opts, "--out", str(out)]) == 0
+    assert afmp_cli.main([*argv, *opts, "--out", str(out)]) == 0
     with open(out / "edge.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows and {(r["layout"], r["max_degree"]) for r in rows} == {("delaunay_qhull", "8")}
@@ -361,12 +361,12 @@ def test_bench_records_threads_and_load_and_warns_when_the_machine_is_busy(tmp_p
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     out = tmp_path / "bench"
     argv = ["bench", "--models", "afmp_tiny", "--resolutions", "32", "--batch-size", "1", "--repeats", "1"]
-    assert afmp.cli.main([*argv, "--warmup", "0", "--device", "cpu", "--out", str(out)]) == 0
+    assert afmp_cli.main([*argv, "--warmup", "0", "--device", "cpu", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "threads: 1 of 2 CPUs, load average 7.5" in printed
     assert "warning: the load average (7.5) says other work is running" in printed
     machine = json.loads((out / "bench_config.json").read_text())["machine"]
     assert machine == {"threads": 1, "cpus": 2, "load_1min": 7.5}
     monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 1.0, 1.0))
-    assert afmp.cli.main([*argv, "--warmup", "0", "--device", "cpu", "--out", str(out)]) == 0
+    assert afmp_cli.main([*argv, "--warmup", "0", "--device", "cpu", "--out", str(out)]) == 0
     assert "warning" not in capsys.readouterr().out

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import afmp
-from afmp import cli
+import afmp_cli as cli
 from afmp.data import build_dataset
 from afmp.evaluate import compare_runs, evaluate_checkpoint
 from afmp.models.linear_attention import (
@@ -346,6 +346,11 @@ def test_eval_and_compare_write_their_files(tmp_path, capsys):
     results = json.loads((tmp_path / "vit_baseline_tiny" / "results.json").read_text())
     assert float(table["vit_baseline_tiny"]["test_acc"]) == results["test_accuracy"]
     assert float(table["vit_baseline_tiny"]["latency_ms"]) > 0
+    # Rows are labelled by model, data set and seed, not by folder name alone.
+    assert sorted(table[m]["run"] for m in table) == [
+        "hydra_bolya_vit_tiny-synthetic-seed0",
+        "vit_baseline_tiny-synthetic-seed0",
+    ]
     # Bolya's Hydra mixes tokens in O(NC) instead of softmax attention's two N x N products.
     assert 0 < float(table["hydra_bolya_vit_tiny"]["GFLOPs"]) < float(table["vit_baseline_tiny"]["GFLOPs"])
 

@@ -4,11 +4,16 @@
     afmp ablate lambda   --dataset cifar100 --data-dir data --epochs 100 --seeds 3 --out ...
     afmp ablate topdown  --dataset digits --epochs 40 --seeds 3 --out runs/abl-topdown
 
-Studies (as in the paper, the first two leave the top-down pass out, to isolate routing):
+Studies (the paper's text says the first two leave the top-down pass out, to isolate
+routing; ``-o use_top_down=true`` runs them with it, as the notebook's model default does):
 
-    sparsity  dense (rho = 0, lambda = 0) and rho in {0.2, 0.3, 0.4, 0.5, 0.6}, no top-down
-    lambda    lambda in {1e-3, 1e-4, 1e-5} at rho = 0.3, no top-down
+    sparsity  dense (rho = 0, lambda = 0) and rho in {0.2, 0.3, 0.4, 0.5, 0.6}
+    lambda    lambda in {1e-3, 1e-4, 1e-5} at rho = 0.3
     topdown   with and without the top-down pass, at rho = 0.3, lambda = 1e-4
+
+The summary compares every setting with the study's first one seed by seed (the same
+seed gives both runs the same initial weights and batches): the mean and std of the
+paired differences, and on how many seeds the setting was ahead.
 
 Every ``afmp train`` option passes through (--model, --batch-size, --lr, --device, -o ...);
 ``--seed`` is the first seed, runs use seed, seed + 1, ... Each run is an ordinary
@@ -25,6 +30,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -35,17 +41,17 @@ from afmp.checkpoint import atomic_write, write_json
 from afmp.errors import UsageError, usage_errors
 from afmp.rundir import RunLock, latest_checkpoint
 
-# study -> [(setting, plot label, model options)]
+# study -> [(setting, plot label, the model options it varies)]
 STUDIES: dict[str, list[tuple[str, str, dict]]] = {
     "sparsity": [
-        ("dense", "Dense", {"sparsity": 0.0, "lambda_sparse": 0.0, "use_top_down": False}),
+        ("dense", "Dense", {"sparsity": 0.0, "lambda_sparse": 0.0}),
         *[
-            (f"rho{rho}", f"ρ={rho}", {"sparsity": rho, "lambda_sparse": 1e-4, "use_top_down": False})
+            (f"rho{rho}", f"ρ={rho}", {"sparsity": rho, "lambda_sparse": 1e-4})
             for rho in (0.2, 0.3, 0.4, 0.5, 0.6)
         ],
     ],
     "lambda": [
-        (f"lambda{lam}", f"λ={lam}", {"sparsity": 0.3, "lambda_sparse": float(lam), "use_top_down": False})
+        (f"lambda{lam}", f"λ={lam}", {"sparsity": 0.3, "lambda_sparse": float(lam)})
         for lam in ("1e-3", "1e-4", "1e-5")
     ],
     "topdown": [
@@ -53,6 +59,8 @@ STUDIES: dict[str, list[tuple[str, str, dict]]] = {
         ("no_topdown", "No top-down", {"sparsity": 0.3, "lambda_sparse": 1e-4, "use_top_down": False}),
     ],
 }
+# Options a study fixes for all its settings unless the user passes them with -o.
+STUDY_DEFAULTS: dict[str, dict] = {"sparsity": {"use_top_down": False}, "lambda": {"use_top_down": False}}
 
 # Settings that may differ between the runs of one study without changing their results.
 _RUNTIME_ONLY = {"out", "resume", "device", "num_workers", "tensorboard", "viz_every", "resolved_model"}
@@ -81,7 +89,7 @@ def run_configs(
                 base,
                 seed=seed,
                 out=str(run_dir(Path(base.out), setting, seed)),
-                model_opts={**base.model_opts, **opts},
+                model_opts={**STUDY_DEFAULTS.get(study, {}), **base.model_opts, **opts},
             )
             runs.append((setting, seed, cfg))
     return runs
@@ -94,7 +102,9 @@ def _check_same_settings(cfg: trainer.TrainConfig, results: dict, path: Path) ->
     )  # found, not asked
     asked = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k not in ignore}
     done = {k: v for k, v in results.get("config", {}).items() if k not in ignore}
-    diff = sorted(k for k in asked.keys() | done.keys() if asked.get(k) != done.get(k))
+    # A setting added to afmp train after the run was trained counts as its default.
+    defaults = json.loads(json.dumps(dataclasses.asdict(trainer.TrainConfig())))
+    diff = sorted(k for k in asked.keys() | done.keys() if asked.get(k) != done.get(k, defaults.get(k)))
     if diff:
         details = ", ".join(f"{k}: {done.get(k)!r} there, {asked.get(k)!r} now" for k in diff)
         raise UsageError(f"{path} was trained with other settings ({details}); use a new --out")
@@ -154,10 +164,35 @@ def load_results(out: Path, study: str, seeds) -> dict[str, list[dict]]:
     return found
 
 
+def paired(reference: dict[int, float], other: dict[int, float]) -> dict:
+    """``other`` minus ``reference`` seed by seed (accuracies keyed by seed), over their common
+    seeds: mean and sample std of the differences, how many favour ``other``, and the
+    two-sided p-value of a paired t-test (NaN with fewer than two pairs or no spread)."""
+    common = sorted(reference.keys() & other.keys())
+    diffs = [other[s] - reference[s] for s in common]
+    if not diffs:
+        return {"pairs": 0, "diff_mean": math.nan, "diff_std": math.nan, "ahead": 0, "p_value": math.nan}
+    mean, std = _mean_std(diffs)
+    p_value = math.nan
+    if len(diffs) > 1 and std > 0:
+        from scipy import stats
+
+        p_value = float(stats.ttest_1samp(diffs, 0.0).pvalue)  # the paired t-test on the differences
+    return {
+        "pairs": len(diffs),
+        "diff_mean": mean,
+        "diff_std": std,
+        "ahead": sum(d > 0 for d in diffs),
+        "p_value": p_value,
+    }
+
+
 def summarize(out, study: str, seeds) -> list[dict]:
-    """One row per setting over its finished seeds; writes summary.csv and comparison.png."""
+    """One row per setting over its finished seeds, with its test accuracy compared seed by seed
+    to the study's first setting; writes summary.csv and comparison.png."""
     out = Path(out)
     results = load_results(out, study, seeds)
+    reference = {r["config"]["seed"]: r["test_accuracy"] for r in results[STUDIES[study][0][0]]}
     rows = []
     for setting, label, _ in STUDIES[study]:
         runs = results[setting]
@@ -166,6 +201,7 @@ def summarize(out, study: str, seeds) -> list[dict]:
         val_mean, val_std = _mean_std([r["best_val_accuracy"] for r in runs])
         test_mean, test_std = _mean_std([r["test_accuracy"] for r in runs])
         times = [t for r in runs for t in r["training_history"]["time"]]
+        vs = paired(reference, {r["config"]["seed"]: r["test_accuracy"] for r in runs})
         rows.append(
             {
                 "setting": setting,
@@ -175,6 +211,8 @@ def summarize(out, study: str, seeds) -> list[dict]:
                 "best_val_std": val_std,
                 "test_mean": test_mean,
                 "test_std": test_std,
+                "vs": STUDIES[study][0][0],
+                **{f"test_{k}": v for k, v in vs.items()},
                 "epoch_time_s": statistics.fmean(times),
                 "params": runs[0]["params"],
             }
@@ -193,14 +231,30 @@ def summarize(out, study: str, seeds) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    print("| setting | seeds | best val % (mean ± std) | test % (mean ± std) | s / epoch |")
-    print("|---|---|---|---|---|")
+def table_lines(rows: list[dict]) -> list[str]:
+    """The summary as a markdown table; the paired column is each setting minus the first."""
+    lines = [
+        f"| setting | seeds | best val % | test % | test − {rows[0]['label']} (paired) | ahead | p | s / epoch |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        print(
+        first = r["setting"] == r["vs"]
+        lines.append(
             f"| {r['label']} | {r['seeds']} | {r['best_val_mean']:.2f} ± {r['best_val_std']:.2f} | "
-            f"{r['test_mean']:.2f} ± {r['test_std']:.2f} | {r['epoch_time_s']:.2f} |"
+            f"{r['test_mean']:.2f} ± {r['test_std']:.2f} | "
+            + (
+                "— | — | — |"
+                if first
+                else f"{r['test_diff_mean']:+.2f} ± {r['test_diff_std']:.2f} | "
+                f"{r['test_ahead']}/{r['test_pairs']} | {r['test_p_value']:.3f} |"
+            )
+            + f" {r['epoch_time_s']:.2f} |"
         )
+    return lines
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\n".join(table_lines(rows)))
 
 
 def _curves(runs: list[dict], key: str) -> np.ndarray:

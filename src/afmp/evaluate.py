@@ -33,6 +33,7 @@ from afmp.checkpoint import atomic_write, load_checkpoint, write_json
 from afmp.data import build_dataset
 from afmp.errors import UsageError, usage_errors
 from afmp.registry import config_fields, model_entry
+from afmp.rundir import run_labels
 from afmp.train import autocast, resolve_device, to_device
 
 
@@ -252,10 +253,11 @@ def compare_runs(
 ) -> list[dict]:
     dev = resolve_device(device)
     rows = []
-    for run, results, model, cpu_model in load_runs(runs, dev):
+    loaded = load_runs(runs, dev)
+    for label, (_, results, model, cpu_model) in zip(run_labels([r[0] for r in loaded]), loaded):
         rows.append(
             {
-                "run": run.name,
+                "run": label,
                 "model": model.model_name,
                 "dataset": results.get("dataset"),
                 "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),

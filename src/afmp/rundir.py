@@ -185,3 +185,19 @@ def latest_checkpoint(directory: str | os.PathLike) -> tuple[Path | None, list[s
             continue
         return folder, skipped
     return None, skipped
+
+
+def run_labels(runs) -> list[str]:
+    """A label per training run directory that tells them apart in a table: model, data set
+    and seed from its results.json (``afmp_tiny-digits-seed0``); the directory is added
+    where two runs would still read the same."""
+    labels = []
+    for run in map(Path, runs):
+        try:
+            results = json.loads((run / "results.json").read_text())
+            cfg = results.get("config", {})
+            labels.append(f"{results['model']}-{results['dataset']}-seed{cfg['seed']}")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            labels.append(run.name)
+    repeated = {label for label in labels if labels.count(label) > 1}
+    return [f"{label} ({run})" if label in repeated else label for label, run in zip(labels, runs)]

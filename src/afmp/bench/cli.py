@@ -176,12 +176,9 @@ def main(args: argparse.Namespace) -> int:
         write_json(out / "bench_config.json", meta)
         rows = pareto.run_pareto(args.runs, cfg, calib, device)
         write_table(out, "pareto", rows, pareto.CSV_COLUMNS)
-        panels = [
-            ("matmul_gflops", "GFLOP per image (matmul)"),
-            ("ms_b1", "latency, batch 1 (ms)"),
-            ("ms_b64", "latency, batch 64 (ms)"),
-        ]
-        plots.plot_pareto(rows, out / "pareto.png", panels)
+        plots.plot_pareto(
+            rows, out / "pareto.png", pareto.panels(rows), f"test accuracy against cost on {calib['device']}"
+        )
         print(f"wrote {out}/pareto.csv, pareto.json, pareto.png")
         return 0
     if args.study == "edge":

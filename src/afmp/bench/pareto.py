@@ -15,12 +15,23 @@ from pathlib import Path
 
 from afmp.bench import scaling
 from afmp.checkpoint import load_checkpoint
+from afmp.rundir import run_labels
 
 BATCHES = (1, 64)
 CSV_COLUMNS = [
-    "run", "model", "accuracy", "resolution", "tokens", "params", "matmul_gflops", "total_gflops", "gbytes",
+    "run", "path", "model", "accuracy", "resolution", "tokens", "params", "matmul_gflops", "total_gflops", "gbytes",
     "ms_b1", "ms_b64", "peak_mb_b64", "oom_b64", "note",
 ]  # fmt: skip
+
+
+def panels(rows: list[dict]) -> list[tuple[str, str]]:
+    """The plot's (column, axis label) pairs, in the units of the runs' inputs."""
+    unit = "sequence" if rows and all(r.get("tokens") == r.get("resolution") for r in rows) else "image"
+    return [
+        ("matmul_gflops", f"GFLOP per {unit} (matmul)"),
+        ("ms_b1", "latency, batch 1 (ms)"),
+        ("ms_b64", "latency, batch 64 (ms)"),
+    ]
 
 
 def read_accuracy(run: Path) -> float:
@@ -47,22 +58,24 @@ def loader(run: Path, device):
 def run_pareto(runs: list[str], cfg: scaling.BenchConfig, calib: dict, device, log=print) -> list[dict]:
     paths = [Path(r) for r in runs]
     accuracy = {p: read_accuracy(p) for p in paths}
+    labels = run_labels(paths)
     measured = {}
     for batch in BATCHES:
         bcfg = dataclasses.replace(cfg, batch_size=batch, mode="infer")
         todo = []
-        for p in paths:
+        for p, label in zip(paths, labels):
             spec = json.loads((p / "model.json").read_text())
             row = scaling.blank_row(
-                p.name, spec["config"].get("img_size", spec["config"].get("max_len")), bcfg
+                label, spec["config"].get("img_size", spec["config"].get("max_len")), bcfg
             )
             todo.append((row, loader(p, device)))
         measured[batch] = scaling.bench_one_size(todo, bcfg, calib, device, log)
     rows = []
-    for p, one, many in zip(paths, measured[1], measured[64]):
+    for p, label, one, many in zip(paths, labels, measured[1], measured[64]):
         rows.append(
             {
-                "run": p.name,
+                "run": label,
+                "path": str(p),
                 "model": json.loads((p / "model.json").read_text())["model"],
                 "accuracy": accuracy[p],
                 **{

@@ -102,14 +102,16 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def plot_pareto(rows, path: Path, panels: list[tuple[str, str]]) -> Path:
-    """Accuracy against each cost in ``panels`` ((column, axis label)); the frontier marked."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+def plot_pareto(rows, path: Path, panels: list[tuple[str, str]], title: str = "") -> Path:
+    """Accuracy against each cost in ``panels`` ((column, axis label)); the frontier marked;
+    error bars where the rows carry ``accuracy_std`` (accuracy over seeds)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.8), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
         pts = _finite(rows, key)
         xy = [(r[key], r["accuracy"]) for r in pts]
         for r, (x, y) in zip(pts, xy):
-            ax.plot(x, y, "o")
+            std = r.get("accuracy_std", math.nan)
+            ax.errorbar(x, y, yerr=std if math.isfinite(std) else None, fmt="o", capsize=3)
             ax.annotate(r["run"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         front = [xy[i] for i in pareto_front(xy)]
         if front:
@@ -117,4 +119,5 @@ def plot_pareto(rows, path: Path, panels: list[tuple[str, str]]) -> Path:
             ax.legend(fontsize=7)
         ax.set(xscale="log", xlabel=label, ylabel="test accuracy (%)")
         ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(title or "test accuracy against cost")
     return _save(fig, path)

@@ -1,0 +1,488 @@
+"""`afmp reproduce STUDY`: one of the paper's studies, from a config shipped with afmp.
+
+    afmp reproduce                                    # list the studies and the claim each tests
+    afmp reproduce ablation-sparsity --data-dir ~/data --out runs/repro-sparsity
+    afmp reproduce pareto --data-dir ~/data --dry-run # the runs and what they will cost
+    afmp reproduce mnist5k-topdown --set seeds=3 --set train.epochs=5
+
+A study is a YAML file in ``afmp/configs/studies/`` (its comment names the claim, the
+recipe and any departure from the notebook). Three kinds:
+
+- ``ablation``: an ``afmp ablate`` study (``study:``) with the ``train:`` settings.
+- ``pareto``: every model of ``models:`` trained with the ``train:`` settings over the
+  seeds, then its first seed measured by ``afmp bench pareto``'s machinery (FLOPs, latency
+  at batch 1 and 64, on this device); accuracy is the mean over seeds, with its std.
+- ``scaling``: ``afmp bench`` with the ``bench:`` settings.
+
+Runs go to ``OUT/<setting or model>/seed<k>/``; running the same command again continues
+where it stopped (finished runs are kept, if they were trained with the same settings).
+Each study ends with its figure and ``report.md``: the claim, our numbers with their
+spread, and whether the spread allows a conclusion. ``--set KEY=VALUE`` changes any
+entry of the config (dotted: ``train.batch_size=32``, ``bench.repeats=3``, ``seeds=1``).
+``--dry-run`` trains nothing: it prints the runs and their cost, measured here (one
+training step per model at the study's batch size: time, peak memory and counted FLOPs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import statistics
+from pathlib import Path
+
+import yaml
+
+from afmp.errors import UsageError, usage_errors
+
+STUDY_DIR = Path(__file__).parent / "configs" / "studies"
+KINDS = ("ablation", "pareto", "scaling")
+# Train-set images and what a model is fitted to, per data set (for --dry-run, without the files).
+DATA_SHAPES = {  # name -> (training images before the validation split, image side, channels, classes)
+    "cifar10": (50_000, 32, 3, 10),
+    "cifar100": (50_000, 32, 3, 100),
+    "tiny-imagenet": (100_000, 64, 3, 200),
+    "mnist5k": (4_000, 28, 1, 10),  # its split: 3,500 train + 500 val; 1,000 test apart
+    "digits": (1_617, 8, 1, 10),
+}
+
+
+def studies() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(STUDY_DIR.glob("*.yaml"))}
+
+
+def load_study(name: str, sets: list[str] | None = None) -> dict:
+    """The study's config with the ``--set`` changes applied, checked."""
+    known = studies()
+    if name not in known:
+        raise UsageError(f"unknown study {name!r}; choose one of: {', '.join(known)}")
+    study = yaml.safe_load(known[name].read_text())
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set expects KEY=VALUE (e.g. train.epochs=2), got {item!r}")
+        *path, last = key.split(".")
+        node = study
+        for part in path:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"--set {key}: {part} is not a section of the {name} config")
+        node[last] = yaml.safe_load(value)
+    if study.get("kind") not in KINDS:
+        raise UsageError(f"{name}: kind must be one of {', '.join(KINDS)}, got {study.get('kind')!r}")
+    seeds = study.get("seeds", 1)
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+        raise UsageError(f"{name}: seeds must be an integer >= 1, got {seeds!r}")
+    return study
+
+
+def train_config(study: dict, args, **fields):
+    """A TrainConfig from the study's ``train:`` section, the command line and ``fields``."""
+    from afmp.train import TrainConfig
+
+    values = copy.deepcopy(study.get("train", {}))
+    values["model_opts"] = {**values.get("model_opts", {}), **fields.pop("model_opts", {})}
+    values.update(fields)
+    for name in ("data_dir", "device", "download"):
+        if getattr(args, name, None) is not None:
+            values[name] = getattr(args, name)
+    valid = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise UsageError(f"unknown train setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+    return TrainConfig(**values)
+
+
+# -- the runs of a study ----------------------------------------------------------------------
+def planned_runs(study: dict, args, out: Path) -> list[tuple[str, int, object]]:
+    """(label, seed, TrainConfig) of every training run, replicate by replicate."""
+    from afmp import ablate
+
+    if study["kind"] == "ablation":
+        base = train_config(study, args, out=str(out))
+        return ablate.run_configs(study["study"], base, study["seeds"])
+    if study["kind"] == "pareto":
+        runs = []
+        for seed in range(study["seeds"]):
+            for entry in study["models"]:
+                cfg = train_config(
+                    study,
+                    args,
+                    model=entry["model"],
+                    model_opts=dict(entry.get("model_opts", {})),
+                    seed=seed,
+                    out=str(out / entry["label"] / f"seed{seed}"),
+                )
+                runs.append((entry["label"], seed, cfg))
+        return runs
+    return []
+
+
+def train_missing(runs, log=print) -> None:
+    """Train every run without a results.json; a finished one must have the same settings."""
+    from afmp import ablate
+    from afmp import train as trainer
+    from afmp.rundir import latest_checkpoint
+
+    with usage_errors():
+        for _, _, cfg in runs:
+            trainer.check_config(dataclasses.replace(cfg, resume=False))
+    for n, (label, seed, cfg) in enumerate(runs, 1):
+        results = Path(cfg.out) / "results.json"
+        if results.is_file():
+            ablate._check_same_settings(cfg, ablate._read_results(results), results)
+            log(f"[{n}/{len(runs)}] {label} seed {seed}: done already, kept")
+            continue
+        resume = latest_checkpoint(cfg.out)[0] is not None
+        log(f"[{n}/{len(runs)}] {label} seed {seed} -> {cfg.out}" + (" (continuing)" if resume else ""))
+        trainer.train(dataclasses.replace(cfg, resume=resume))
+
+
+# -- reports ----------------------------------------------------------------------------------
+def _verdict_paired(rows: list[dict]) -> list[str]:
+    reference = rows[0]
+    lines = []
+    for r in rows[1:]:
+        if r["test_pairs"] < 2:
+            lines.append(f"- {r['label']}: one seed, no spread: no conclusion can be drawn.")
+            continue
+        if math.isnan(r["test_p_value"]):
+            lines.append(
+                f"- {r['label']} − {reference['label']} = {r['test_diff_mean']:+.2f} points on each of "
+                f"{r['test_pairs']} seeds: no spread to test against."
+            )
+        elif r["test_p_value"] < 0.05:
+            side = "above" if r["test_diff_mean"] > 0 else "below"
+            lines.append(
+                f"- {r['label']} is {side} {reference['label']} by {abs(r['test_diff_mean']):.2f} points "
+                f"(paired over {r['test_pairs']} seeds, p = {r['test_p_value']:.3f}): distinguishable."
+            )
+        else:
+            lines.append(
+                f"- {r['label']} − {reference['label']} = {r['test_diff_mean']:+.2f} ± {r['test_diff_std']:.2f} "
+                f"points over {r['test_pairs']} seeds (p = {r['test_p_value']:.2f}): within seed noise."
+            )
+    return lines
+
+
+def write_report(out: Path, name: str, study: dict, body: list[str]) -> Path:
+    from afmp.checkpoint import atomic_write
+
+    text = "\n".join(
+        [
+            f"# {name}",
+            "",
+            f"**Claim tested:** {study['claim']}",
+            "",
+            f"Config: `afmp reproduce {name}` (`src/afmp/configs/studies/{name}.yaml`), "
+            f"{study.get('seeds', 1)} seed(s); the full settings are in `study.json`.",
+            "",
+            *body,
+            "",
+        ]
+    )
+    atomic_write(out / "report.md", lambda tmp: tmp.write_text(text))
+    return out / "report.md"
+
+
+def run_ablation(name: str, study: dict, runs, out: Path) -> list[str]:
+    from afmp import ablate
+
+    train_missing(runs)
+    rows = ablate.summarize(out, study["study"], range(runs[0][2].seed, runs[0][2].seed + study["seeds"]))
+    best = max(rows, key=lambda r: r["test_mean"])
+    return [
+        "## Test accuracy (%), mean ± std over seeds; paired differences against the first setting",
+        "",
+        *ablate.table_lines(rows),
+        "",
+        f"Highest mean test accuracy: {best['label']} ({best['test_mean']:.2f}%).",
+        "",
+        "## Does the spread allow a conclusion?",
+        "",
+        *_verdict_paired(rows),
+        "",
+        "Figure: `comparison.png` (validation accuracy, training loss, sparsity loss, epoch time).",
+    ]
+
+
+def run_pareto_study(name: str, study: dict, runs, out: Path, args) -> list[str]:
+    import torch
+
+    from afmp.bench import pareto, plots, roofline, scaling
+    from afmp.bench.cli import write_table
+    from afmp.train import resolve_device
+
+    train_missing(runs)
+    labels = [e["label"] for e in study["models"]]
+    by_label = {label: [r for r in runs if r[0] == label] for label in labels}
+    device = resolve_device(runs[0][2].device)
+    bench = study.get("bench", {})
+    cfg = scaling.BenchConfig(
+        models=[runs[0][2].model],
+        resolutions=[1],
+        device=str(device),
+        warmup=bench.get("warmup", 2),
+        repeats=bench.get("repeats", 5),
+        out=str(out),
+    )
+    calib = roofline.load_or_calibrate(device, torch.float32)
+    first = [Path(by_label[label][0][2].out) for label in labels]
+    rows = pareto.run_pareto([str(p) for p in first], cfg, calib, device)
+    for row, label in zip(rows, labels):
+        accs = [pareto.read_accuracy(Path(c.out)) for _, _, c in by_label[label]]
+        row.update(
+            run=label,
+            accuracy=statistics.fmean(accs),
+            accuracy_std=statistics.stdev(accs) if len(accs) > 1 else math.nan,
+            seeds=len(accs),
+        )
+    write_table(out, "pareto", rows, [*pareto.CSV_COLUMNS, "accuracy_std", "seeds"])
+    plots.plot_pareto(
+        rows, out / "pareto.png", pareto.panels(rows), title=f"{name}: test accuracy against cost"
+    )
+    lines = [
+        f"## Accuracy and cost (latency: inference on {calib['device']}, median of {cfg.repeats})",
+        "",
+        "| model | params | test % (mean ± std, seeds) | matmul GFLOP / input | ms, batch 1 | ms, batch 64 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['run']} | {r['params'] / 1e6:.3f}M | {r['accuracy']:.2f} ± {r['accuracy_std']:.2f} ({r['seeds']}) "
+            f"| {r['matmul_gflops']:.4f} | {r['ms_b1']:.2f} | {r['ms_b64']:.2f} |"
+        )
+    lines += ["", "## Frontiers", ""]
+    for key, axis in [
+        ("matmul_gflops", "FLOPs"),
+        ("ms_b1", "latency at batch 1"),
+        ("ms_b64", "latency at batch 64"),
+    ]:
+        pts = [(r[key], r["accuracy"]) for r in rows]
+        front = [rows[i]["run"] for i in plots.pareto_front(pts)]
+        afmp_on = [f for f in front if f.startswith("afmp")]
+        lines.append(
+            f"- Against {axis}: frontier {', '.join(front)}; AFMP "
+            + (f"on it ({', '.join(afmp_on)})." if afmp_on else "not on it.")
+        )
+    lines += [
+        "",
+        "The claim holds where AFMP is on the FLOPs frontier but not on the latency ones. "
+        "Accuracy differences smaller than the stds above are within seed noise.",
+        "",
+        "Figure: `pareto.png`.",
+    ]
+    return lines
+
+
+def run_scaling_study(name: str, study: dict, out: Path, args) -> list[str]:
+    import torch
+
+    from afmp.bench import plots, roofline, scaling
+    from afmp.bench.cli import write_table
+
+    bench = dict(study["bench"])
+    if args.device is not None:
+        bench["device"] = args.device
+    if bench.get("device", "cpu").startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(
+            f"{name} runs on {bench['device']}, but CUDA is not available here; --device cpu to try it"
+        )
+    with usage_errors():
+        cfg = scaling.BenchConfig(**bench, out=str(out))
+    device = torch.device(cfg.device)
+    calib = roofline.load_or_calibrate(device, scaling.DTYPES[cfg.dtype])
+    rows = scaling.run_scaling(cfg, calib)
+    write_table(out, "scaling", rows, scaling.COLUMNS)
+    what = f"batch {cfg.batch_size}, {cfg.mode}, {cfg.dtype}, {calib['device']}"
+    plots.plot_against_tokens(rows, "ms_median", "step time (ms)", out / "time_vs_tokens.png", what)
+    plots.plot_against_tokens(rows, "peak_mb", "peak memory (MB)", out / "memory_vs_tokens.png", what)
+    lines = [
+        f"## Growth with the number of tokens N ({what})",
+        "",
+        "Fitted over each model's three largest sizes that ran: time ∝ N^a, memory ∝ N^b.",
+        "",
+        "| model | sizes run | out of memory at | a (time) | b (memory) |",
+        "|---|---|---|---|---|",
+    ]
+    for model, mrows in plots.by_model(rows).items():
+        ok = [r for r in mrows if not r["oom"] and math.isfinite(r["ms_median"])]
+        oom = [str(r["resolution"]) for r in mrows if r["oom"]]
+        top = ok[-3:]
+        a = (
+            plots.scaling_exponent([r["tokens"] for r in top], [r["ms_median"] for r in top])
+            if len(top) > 1
+            else math.nan
+        )
+        b = (
+            plots.scaling_exponent([r["tokens"] for r in top], [r["peak_mb"] for r in top])
+            if len(top) > 1
+            else math.nan
+        )
+        lines.append(f"| {model} | {len(ok)} | {', '.join(oom) or '—'} | {a:.2f} | {b:.2f} |")
+    lines += [
+        "",
+        "Linear scaling means an exponent near 1; the memory wall is where a model runs out of memory.",
+        "",
+        "Figures: `time_vs_tokens.png`, `memory_vs_tokens.png`.",
+    ]
+    return lines
+
+
+# -- --dry-run: what the study will cost ------------------------------------------------------
+def step_cost(cfg, device) -> dict:
+    """One training step of ``cfg``'s model at its batch size on ``device``: ms, peak MB, GFLOP."""
+    import torch
+
+    from afmp.bench import roofline, scaling
+    from afmp.registry import create_model
+    from afmp.train import model_args_for_data
+
+    if cfg.dataset not in DATA_SHAPES:
+        raise UsageError(f"--dry-run knows the shapes of {', '.join(DATA_SHAPES)}, not {cfg.dataset!r}")
+    _, side, chans, classes = DATA_SHAPES[cfg.dataset]
+    data_args = {"img_size": side, "in_chans": chans, "num_classes": classes}
+    bcfg = scaling.BenchConfig(
+        models=[cfg.model],
+        resolutions=[side],
+        batch_size=cfg.batch_size,
+        device=str(device),
+        warmup=1,
+        repeats=2,
+    )
+    calib = roofline.load_or_calibrate(device, torch.float32)
+
+    def make():
+        module = create_model(cfg.model, **model_args_for_data(cfg.model, data_args, cfg.model_opts)).to(
+            device
+        )
+        return scaling.registered_bench_model(module, "img_size", side)
+
+    (row,) = scaling.bench_one_size(
+        [(scaling.blank_row(cfg.model, side, bcfg), make)], bcfg, calib, device, lambda *a, **k: None
+    )
+    return {
+        "ms": row["ms_median"],
+        "peak_mb": row["peak_mb"],
+        "gflops": row["total_gflops"],
+        "params": row["params"],
+    }
+
+
+def dry_run(name: str, study: dict, runs, args) -> list[dict]:
+    """Print every run and its cost; returns one row per distinct model configuration."""
+    import torch
+
+    from afmp.train import resolve_device
+
+    if study["kind"] == "scaling":
+        bench = study["bench"]
+        cells = len(bench["models"]) * len(bench["resolutions"])
+        steps = bench.get("warmup", 1) + bench.get("repeats", 3)
+        print(
+            f"{name}: {len(bench['models'])} models x {len(bench['resolutions'])} sizes = {cells} cells, "
+            f"{steps} steps each plus counting at batch 2 and 3, on {bench.get('device', 'cpu')}. "
+            "Its cost is what it measures: docs/results.md has the last GPU run's step times."
+        )
+        return []
+    device = resolve_device(args.device or "auto")
+    rate = args.tflops * 1e12 if args.tflops else None
+    print(
+        f"{name}: {len(runs)} training runs ({study['seeds']} seed(s)); one step of each model measured on {device}:"
+    )
+    header = (
+        "| model | runs | epochs | steps / run | params | GFLOP / step | ms / step | peak MB | hours here |"
+    )
+    print(header + (f" hours at {args.tflops:g} TFLOP/s |" if rate else ""))
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|" if rate else ""))
+    seen: dict[str, dict] = {}
+    for label, _, cfg in runs:
+        key = json.dumps([cfg.model, cfg.model_opts, cfg.batch_size], sort_keys=True)
+        if key not in seen:
+            seen[key] = {"label": label, "cfg": cfg, "runs": 0, **step_cost(cfg, device)}
+        seen[key]["runs"] += 1
+    rows = list(seen.values())
+    total_here = total_rate = 0.0
+    for r in rows:
+        cfg = r["cfg"]
+        train_images = DATA_SHAPES[cfg.dataset][0] * (1 - cfg.val_fraction)
+        steps = math.ceil(train_images / cfg.batch_size)
+        # Validation and test passes: forward only, about a third of a training step per image.
+        per_run = cfg.epochs * steps * (1 + cfg.val_fraction / (1 - cfg.val_fraction) / 3)
+        r.update(steps=steps, hours=r["runs"] * per_run * r["ms"] / 3.6e6)
+        total_here += r["hours"]
+        line = (
+            f"| {r['label']} | {r['runs']} | {cfg.epochs} | {steps} | {r['params'] / 1e6:.2f}M | {r['gflops']:.2f} "
+            f"| {r['ms']:.1f} | {r['peak_mb']:.0f} | {r['hours']:.2f} |"
+        )
+        if rate:
+            r["hours_at_rate"] = r["runs"] * per_run * r["gflops"] * 1e9 / rate / 3600
+            total_rate += r["hours_at_rate"]
+            line += f" {r['hours_at_rate']:.3f} |"
+        print(line)
+    print(
+        f"total: {total_here:.1f} hours on {device}"
+        + (f", {total_rate:.2f} hours at {args.tflops:g} TFLOP/s" if rate else "")
+    )
+    if device.type == "cpu" and torch.cuda.is_available() is False:
+        print(
+            "(measured on the CPU; run --dry-run on the GPU for GPU-hours, or pass --tflops R for the time "
+            "the counted FLOPs take at R TFLOP/s: a lower bound, small models rarely reach it)"
+        )
+    return rows
+
+
+# -- command line ------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    lines = []
+    for name, path in studies().items():
+        claim = yaml.safe_load(path.read_text()).get("claim", "")
+        lines.append(f"  {name:20s} {claim}")
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = "studies:\n" + "\n".join(lines)
+    p.add_argument("study", nargs="?", metavar="STUDY", help="which study (listed below)")
+    p.add_argument("--out", help="output directory (default runs/reproduce-STUDY)")
+    p.add_argument("--data-dir", help="where the data set's files are")
+    p.add_argument("--download", action="store_true", default=None, help="download the data set if missing")
+    p.add_argument("--device", help="auto, cpu, cuda ... (default: the config's, else auto)")
+    p.add_argument("--seeds", type=int, help="seeds per setting (default: the config's)")
+    p.add_argument("--epochs", type=int, help="epochs per run (default: the config's)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="change a config entry (dotted keys)")
+    p.add_argument("--dry-run", action="store_true", help="print the runs and their cost; train nothing")
+    p.add_argument("--tflops", type=float, help="--dry-run: also the time the FLOPs take at this rate")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.study is None:
+        for name, path in studies().items():
+            print(f"{name:20s} {yaml.safe_load(path.read_text()).get('claim', '')}")
+        return 0
+    sets = list(args.set or [])
+    if args.seeds is not None:
+        sets.append(f"seeds={args.seeds}")
+    if args.epochs is not None:
+        sets.append(f"train.epochs={args.epochs}")
+    with usage_errors():
+        study = load_study(args.study, sets)
+        out = Path(args.out or f"runs/reproduce-{args.study}")
+        runs = planned_runs(study, args, out)
+    if args.dry_run:
+        dry_run(args.study, study, runs, args)
+        return 0
+    from afmp.checkpoint import write_json
+    from afmp.rundir import RunLock
+
+    with RunLock(out):
+        write_json(out / "study.json", {"study": args.study, "config": study})
+        if study["kind"] == "ablation":
+            body = run_ablation(args.study, study, runs, out)
+        elif study["kind"] == "pareto":
+            body = run_pareto_study(args.study, study, runs, out, args)
+        else:
+            body = run_scaling_study(args.study, study, out, args)
+        report = write_report(out, args.study, study, body)
+    print("\n".join(body))
+    print(f"wrote {report}")
+    return 0
