@@ -14,7 +14,7 @@ set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 res=/tmp/gpu_results
 mkdir -p "$res"
-bench="python3 -m afmp.cli bench --device cuda --batch-size 64 --dtype bfloat16 --warmup 2 --repeats 5"
+bench="python3 -m afmp_cli bench --device cuda --batch-size 64 --dtype bfloat16 --warmup 2 --repeats 5"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$res/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$res/gpu.txt"
 

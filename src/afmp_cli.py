@@ -1,7 +1,9 @@
 """The ``afmp`` command: one console script, one module per subcommand.
 
 Each subcommand module has ``add_arguments(parser)`` and ``main(args) -> int``; it
-is imported only when that subcommand runs, so ``afmp --help`` stays fast.
+is imported only when that subcommand runs. This module lives outside the ``afmp``
+package on purpose: importing ``afmp`` registers every model (torch, timm, torchvision:
+seconds), and ``afmp --help`` needs none of that.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "measure time, memory, FLOPs and bytes as models scale; Pareto of trained runs",
     ),
     "ablate": ("afmp.ablate", "run an ablation study (sparsity, lambda, topdown) over seeds"),
+    "reproduce": ("afmp.reproduce", "run one of the paper's studies from a shipped config, with a report"),
     "viz": ("afmp.viz", "draw a trained model's gates: graph over images, sparsity, histogram"),
     "listops": ("afmp.commands.listops", "write LRA ListOps files (afmp listops generate --out DIR)"),
 }

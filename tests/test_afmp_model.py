@@ -1,4 +1,4 @@
-"""AFMP's semantics (docs/afmp-design.md §1) and the per-token formulation (§2)."""
+"""AFMP's semantics and its per-token formulation (docs/model.md)."""
 
 import math
 

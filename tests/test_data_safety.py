@@ -13,7 +13,7 @@ import struct
 import numpy as np
 import pytest
 
-from afmp import cli
+import afmp_cli as cli
 from afmp.data import DataUnavailable, build_dataset
 from afmp.data import vision as vision_data
 from test_vision_data import _dump, cifar10_dir, cifar100_dir  # noqa: F401  (fixtures)

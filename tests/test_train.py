@@ -1,5 +1,8 @@
+import dataclasses
 import json
 import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,7 +11,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 import afmp
-from afmp import cli
+import afmp_cli as cli
 from afmp.data import build_dataset
 from afmp.ema import WeightEMA
 from afmp.rundir import sha256_file
@@ -44,7 +47,15 @@ def test_train_writes_results_weights_and_config(tmp_path):
     ):
         assert key in on_disk
     history = on_disk["training_history"]
-    assert set(history) == {"train_loss", "train_acc", "val_acc", "sparsity_loss", "time"}
+    assert set(history) == {
+        "train_loss",
+        "train_acc",
+        "val_acc",
+        "sparsity_loss",
+        "time",
+        "images_per_s",
+        "mfu",
+    }
     assert all(len(v) == 2 for v in history.values())
     # Peak memory on the CPU is the process's high-water RSS in MiB (ru_maxrss is in KiB on Linux).
     assert on_disk["peak_memory_source"] == "process_max_rss"
@@ -115,17 +126,27 @@ def test_cli_yaml_config_and_model_options(tmp_path, capsys):
 
 
 def test_shipped_digits_config_is_the_no_argument_job():
-    """configs/afmp_tiny_digits.yaml documents `afmp train` with no arguments: same settings."""
-    config = Path(__file__).parents[1] / "configs" / "afmp_tiny_digits.yaml"
+    """The shipped afmp_tiny_digits.yaml documents `afmp train` with no arguments: same settings."""
+    config = Path(afmp.__file__).parent / "configs" / "afmp_tiny_digits.yaml"
 
     def parse(argv):
         return config_from_args(cli.build_parser(argv).parse_args(argv))
 
     from_yaml, no_args = parse(["train", "--config", str(config)]), parse(["train"])
+    assert parse(["train", "--config", "afmp_tiny_digits"]) == from_yaml  # by its shipped name
+    with pytest.raises(ValueError, match="not a shipped config \\(afmp_tiny_digits\\)"):
+        parse(["train", "--config", "nothing_here"])
     preset = afmp.create_model("afmp_tiny").cfg
     assert {k: getattr(preset, k) for k in from_yaml.model_opts} == from_yaml.model_opts
     from_yaml.model_opts = {}
     assert from_yaml == no_args
+
+
+def test_afmp_help_imports_neither_torch_nor_timm():
+    # `afmp --help` is the console script's parser alone; torch and timm take seconds to import.
+    code = "import sys, afmp_cli; afmp_cli.build_parser([]).format_help(); print(sorted({'torch', 'timm', 'afmp'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
@@ -264,3 +285,95 @@ def test_plateau_schedule_cuts_the_rate_by_five_after_six_epochs_without_a_bette
         scheduler.step(val_acc)  # higher is better
         rates.append(optimizer.param_groups[0]["lr"])
     assert rates == pytest.approx([1.0] * 7 + [0.2, 0.2])
+
+
+def test_weight_decay_on_weights_spares_norms_biases_and_embeddings():
+    from afmp.train import param_groups
+
+    for name, decayed, spared in [
+        ("vit_baseline_tiny", ["patch_embed.proj.weight", "blocks.0.attn.qkv.weight"],
+         ["pos_embed", "cls_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias"]),
+        ("afmp_tiny", ["patch_embed.proj.weight", "layers.0.proj.weight", "layers.0.U"], ["pos_embed.weight", "pos_embed.bias"]),
+        ("diffusion_text", [], ["embed.weight"]),
+    ]:  # fmt: skip
+        model = afmp.create_model(name)
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = param_groups(model, 0.05, "weights")
+        assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+        on, off = ({names[id(p)] for p in g["params"]} for g in groups)
+        assert set(decayed) <= on and set(spared) <= off, name
+        assert sorted(on | off) == sorted(names.values()) and not on & off  # each parameter once
+        (everything,) = param_groups(model, 0.05, "all")
+        assert everything["weight_decay"] == 0.05 and len(everything["params"]) == len(names)
+
+
+def test_flops_per_training_image_is_linear_and_leaves_no_trace():
+    from afmp.bench.counting import count
+    from afmp.train import flops_per_train_image
+
+    torch.manual_seed(0)
+    model = afmp.create_model("convnet_resnet10t", img_size=16, num_classes=3).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def make_batch(b):
+        return torch.randn(b, 3, 16, 16), torch.randint(0, 3, (b,))
+
+    per_image = flops_per_train_image(model, make_batch)
+
+    def counted(b):
+        x, y = make_batch(b)
+        model.eval()
+        total = count(lambda: torch.nn.functional.cross_entropy(model(x), y).backward()).total_flops
+        model.zero_grad(set_to_none=True)
+        return total
+
+    assert per_image == pytest.approx((counted(7) - counted(2)) / 5, rel=1e-9)
+    model.train()
+    # Counted in eval mode with the gradients cleared: BatchNorm's statistics did not move.
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training and all(p.grad is None for p in model.parameters())
+
+
+def test_epoch_reports_throughput_and_mfu_against_the_measured_peak(tmp_path, monkeypatch):
+    from afmp.bench import roofline
+    from afmp.train import flops_per_train_image
+
+    monkeypatch.setenv("AFMP_CACHE", str(tmp_path / "cache"))
+    cfg = TrainConfig(model="afmp_tiny", epochs=1, out=str(tmp_path / "a"), **TINY)
+    history = train(cfg)["training_history"]
+    assert history["images_per_s"][0] > 0 and history["mfu"] == [None]  # no calibration: no MFU
+    with open(tmp_path / "a" / "history.csv") as f:
+        assert f.read().splitlines()[1].endswith(",")  # an empty cell, not "None"
+    # With a calibration (here a made-up peak of 1e9 FLOP/s), MFU = FLOPs per image x images/s / peak.
+    key = roofline._cache_key(torch.device("cpu"), torch.float32)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "roofline.json").write_text(json.dumps({key: {"peak_flops_per_s": 1e9}}))
+    history = train(dataclasses.replace(cfg, out=str(tmp_path / "b")))["training_history"]
+    model = afmp.load_checkpoint(tmp_path / "b")
+    flops = flops_per_train_image(model, lambda b: (torch.randn(b, 3, 16, 16), torch.randint(0, 10, (b,))))
+    assert history["mfu"][0] == pytest.approx(flops * history["images_per_s"][0] / 1e9, rel=1e-6)
+
+
+def test_compile_trains_through_the_compiled_module_and_saves_the_plain_one(tmp_path, monkeypatch):
+    # torch.compile with its "eager" backend: the same numbers as without, so the wiring is what
+    # is tested (steps through the compiled wrapper, weights saved from the module under it).
+    calls = []
+    real_compile = torch.compile
+
+    def spy(model, **kwargs):
+        calls.append(model)
+        return real_compile(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", spy)
+    cfg = TrainConfig(model="afmp_tiny", epochs=2, out=str(tmp_path / "eager"), **TINY)
+    plain = train(cfg)
+    torch._dynamo.reset()
+    compiled = train(dataclasses.replace(cfg, out=str(tmp_path / "compiled"), compile=True))
+    assert len(calls) == 1 and type(calls[0]).__name__ == "AFMP"
+    assert compiled["training_history"]["train_loss"] == pytest.approx(
+        plain["training_history"]["train_loss"]
+    )
+    assert compiled["test_accuracy"] == plain["test_accuracy"]
+    loaded = afmp.load_checkpoint(tmp_path / "compiled")  # keys without the wrapper's "_orig_mod."
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(loaded.eval()(x), afmp.load_checkpoint(tmp_path / "eager").eval()(x))

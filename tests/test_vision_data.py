@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from afmp import cli
+import afmp_cli as cli
 from afmp.data import DataUnavailable, build_dataset
 from afmp.data.vision import STATS
 

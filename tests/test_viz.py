@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from afmp import cli, create_model, viz
+import afmp_cli as cli
+from afmp import create_model, viz
 from afmp.train import TrainConfig, train
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -62,6 +63,17 @@ def test_model_without_gates_is_refused(tmp_path):
         viz.collect_gates(Plain(), torch.randn(1, 1, 8, 8))
     assert viz.epoch_hook(Plain(), None, tmp_path, 1) == []  # the training hook skips it instead
     assert not (tmp_path / "viz").exists()
+
+
+def test_afmp_viz_on_a_text_run_is_one_line(tmp_path, capsys):
+    from afmp import save_checkpoint
+
+    save_checkpoint(create_model("diffusion_text", num_classes=4), tmp_path / "text")
+    argv = ["viz", "--checkpoint", str(tmp_path / "text"), "--dataset", "digits"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("afmp viz: error: ") and "holds a diffusion_text model" in err
+    assert "Traceback" not in err and not (tmp_path / "text" / "viz").exists()
 
 
 def test_training_hook_and_afmp_viz(tmp_path, capsys):

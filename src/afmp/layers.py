@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from timm.layers import trunc_normal_
 from torch import nn
 
 
@@ -36,6 +37,15 @@ class ClassifierMixin:
         self.num_classes = self.cfg.num_classes = num_classes
         old = next(self.parameters())
         self.head = make_head(self.num_features, num_classes).to(device=old.device, dtype=old.dtype)
+
+
+def init_linear_weights(module: nn.Module) -> None:
+    """timm's ViT initialisation, for ``model.apply``: truncated-normal linear weights (std
+    0.02), zero biases; other layers keep PyTorch's defaults."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 def check_image_batch(x: torch.Tensor, in_chans: int, patch_size: int) -> None:

@@ -74,6 +74,9 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 0.05
+    # "all": AdamW decays every parameter (the notebook's and our recipes so far); "weights":
+    # only the layers' weight matrices and kernels, not norms, biases or embeddings (timm's habit).
+    weight_decay_on: str = "all"
     scheduler: str = "cosine"  # "cosine" (with linear warm-up) or "plateau" (the notebook's)
     warmup_epochs: float = 2.0
     clip_grad: float = 1.0  # max gradient norm; 0 turns clipping off
@@ -82,6 +85,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # weight EMA (afmp.ema): validated, tested and saved instead; 0 = off
     select: str = "last"  # weights tested and saved as model.*: "last" epoch's or "best_val" epoch's
     amp: bool = True  # bf16/fp16 autocast on CUDA; ignored on the CPU
+    compile: bool = False  # torch.compile the training step's model (first steps are slow: compiling)
     device: str = "auto"
     seed: int = 0
     val_fraction: float = 0.1
@@ -136,6 +140,7 @@ CHECKS = {
     "batch_size": _integer(1),
     "lr": _number(0),  # 0 freezes the weights (a test uses it)
     "weight_decay": _number(0),
+    "weight_decay_on": ((lambda v: v in ("all", "weights")), "all or weights"),
     "scheduler": ((lambda v: v in ("cosine", "plateau")), "cosine or plateau"),
     "warmup_epochs": _number(0),
     "clip_grad": _number(0),
@@ -144,6 +149,7 @@ CHECKS = {
     "ema_decay": _number(0, 1, open_high=True),
     "select": ((lambda v: v in SELECT), " or ".join(SELECT)),
     "amp": _FLAG,
+    "compile": _FLAG,
     "device": _TEXT,
     "seed": _integer(0),
     "val_fraction": _number(0, 1, open_low=True, open_high=True),
@@ -270,6 +276,56 @@ def mixup(inputs, labels, alpha: float):
     lam = float(np.random.beta(alpha, alpha))
     perm = torch.randperm(labels.shape[0], device=labels.device)
     return lam * inputs + (1 - lam) * inputs[perm], labels[perm], lam
+
+
+def param_groups(model, weight_decay: float, decay_on: str) -> list[dict]:
+    """AdamW's groups. ``decay_on="weights"``: no decay for norms, biases (every parameter of
+    fewer than two dimensions), embedding tables and position embeddings."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if decay_on == "all":
+        return [{"params": [p for _, p in params], "weight_decay": weight_decay}]
+    tables = {
+        f"{prefix}.weight" if prefix else "weight"
+        for prefix, module in model.named_modules()
+        if isinstance(module, torch.nn.Embedding)
+    }
+
+    def exempt(name: str, p) -> bool:
+        return p.ndim < 2 or name in tables or name.startswith(("pos_embed", "cls_token"))
+
+    return [
+        {"params": [p for n, p in params if not exempt(n, p)], "weight_decay": weight_decay},
+        {"params": [p for n, p in params if exempt(n, p)], "weight_decay": 0.0},
+    ]
+
+
+def flops_per_train_image(model, make_batch) -> float:
+    """Counted FLOPs of training on one image (forward, loss, backward), as c(3) - c(2).
+
+    Counted in eval mode, so that no BatchNorm statistics move and no dropout is drawn,
+    and the gradients are cleared after: the count leaves no trace on the training.
+    """
+    from afmp.bench.counting import count
+
+    was_training = model.training
+    model.eval()
+
+    def step(batch: int):
+        model.zero_grad(set_to_none=True)  # else the second backward also counts adding into .grad
+        x, y = make_batch(batch)
+
+        def run():
+            logits, aux = model(x, return_aux=True)
+            loss = F.cross_entropy(logits.flatten(0, -2).float(), y.flatten()) + aux.get("sparsity_loss", 0)
+            loss.backward()
+
+        return count(run).total_flops
+
+    try:
+        return step(3) - step(2)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, device, desc, ema=None):
@@ -407,7 +463,16 @@ def _run(setup: Setup) -> dict:
         for path in rundir.clean_temporaries(out):
             log(f"removed {path}, left by an interrupted write")
     ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay else None
+    # Throughput and MFU: the counted FLOPs of a training image against the device's peak
+    # matmul rate as `afmp bench` measured it (MFU is left empty until it has). Counted before
+    # DistributedDataParallel wraps the model: its gradient hooks must see training steps only.
+    flops_per_image = flops_per_train_image(
+        model, batch_sizing.example_batches(model, data.model_args, device)
+    )
+    peak = cached_peak_flops(device, cfg.amp)
     model = ddp.wrap(model, env, device)
+    if cfg.compile:  # the training steps only; validation and test run the plain module
+        model = torch.compile(model)
     # What is validated, tested and saved as model.safetensors: the average when there is one.
     final = ema.module if ema is not None else unwrap(model)
     params = sum(p.numel() for p in model.parameters())
@@ -432,12 +497,17 @@ def _run(setup: Setup) -> dict:
     test_loader = loader(data.test, ddp.ShardSampler(data.test, env))
     train_sampler = ddp.train_sampler(data.train, env, seed=cfg.seed * 100_003)
     steps_per_epoch = math.ceil(len(train_sampler) / ddp.local_batch_size(cfg.batch_size, env))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        param_groups(unwrap(model), cfg.weight_decay, cfg.weight_decay_on), lr=cfg.lr
+    )
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
     scaler = torch.amp.GradScaler(
         device.type, enabled=device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
     )
-    history = {"train_loss": [], "train_acc": [], "val_acc": [], "sparsity_loss": [], "time": []}
+    history = {
+        "train_loss": [], "train_acc": [], "val_acc": [], "sparsity_loss": [], "time": [],
+        "images_per_s": [], "mfu": [],
+    }  # fmt: skip
     best_val, best_epoch, start_epoch = -1.0, -1, 0
     selected_epoch = -1
 
@@ -451,6 +521,8 @@ def _run(setup: Setup) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         history, best_val, best_epoch = state["history"], state["best_val"], state["best_epoch"]
+        for key in ("images_per_s", "mfu"):  # a run saved before these were recorded
+            history.setdefault(key, [None] * len(history["val_acc"]))
         selected_epoch = state["selected_epoch"]
         if ema is not None:
             ema.load_state_dict(state["ema"])
@@ -487,14 +559,18 @@ def _run(setup: Setup) -> dict:
             f"epoch {epoch + 1}/{cfg.epochs}",
             ema,
         )
+        images_per_s = len(train_sampler) * env.world_size / (time.perf_counter() - started)
+        mfu = flops_per_image * images_per_s / peak if peak else None
         val_acc = evaluate(final, val_loader, device, cfg.amp)
         if cfg.scheduler == "plateau":
             scheduler.step(val_acc)
-        for key, value in zip(history, (loss, acc, val_acc, sparsity, time.perf_counter() - started)):
+        values = (loss, acc, val_acc, sparsity, time.perf_counter() - started, images_per_s, mfu)
+        for key, value in zip(history, values, strict=True):
             history[key].append(value)
         log(
             f"epoch {epoch + 1}/{cfg.epochs}  loss {loss:.4f}  train {acc:.2f}%  val {val_acc:.2f}%  "
-            f"sparsity-loss {sparsity:.2e}  {history['time'][-1]:.1f}s"
+            f"sparsity-loss {sparsity:.2e}  {history['time'][-1]:.1f}s  {images_per_s:.0f} img/s"
+            + (f"  MFU {100 * mfu:.2f}%" if mfu is not None else "")
         )
         improved = val_acc >= best_val  # ties: the later epoch (see SELECT)
         if improved:
@@ -554,6 +630,7 @@ def _run(setup: Setup) -> dict:
         "peak_memory_source": peak_source,
         "device": str(device),
         "train_time_s": sum(history["time"]),
+        "data": data.info,  # where the data came from, when the loader says (e.g. its file)
         "training_history": history,
     }
     if env.is_main:
@@ -569,6 +646,19 @@ def _run(setup: Setup) -> dict:
     return results
 
 
+def cached_peak_flops(device: torch.device, amp: bool) -> float | None:
+    """The device's peak matmul FLOP/s in the training's precision, if `afmp bench` measured it."""
+    from afmp.bench import roofline
+
+    dtype = (
+        torch.bfloat16 if device.type == "cuda" and amp and torch.cuda.is_bf16_supported() else torch.float32
+    )
+    if device.type == "cuda" and amp and dtype is torch.float32:
+        dtype = torch.float16
+    calib = roofline.cached(device, dtype)
+    return calib["peak_flops_per_s"] if calib else None
+
+
 def log_epoch(out: Path, history: dict, tb, lr: float) -> None:
     """history.csv (rewritten whole: it is one row per epoch) and, when on, TensorBoard scalars."""
 
@@ -582,7 +672,8 @@ def log_epoch(out: Path, history: dict, tb, lr: float) -> None:
     if tb is not None:
         epoch = len(history["val_acc"])
         for key, values in history.items():
-            tb.add_scalar(key, values[-1], epoch)
+            if values[-1] is not None:
+                tb.add_scalar(key, values[-1], epoch)
         tb.add_scalar("lr", lr, epoch)
 
 
@@ -599,7 +690,10 @@ def parse_key_values(pairs: list[str] | None) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file of TrainConfig fields (command-line flags override it)")
+    p.add_argument(
+        "--config",
+        help="YAML file of TrainConfig fields, or the name of one shipped with afmp (afmp_tiny_digits); flags override it",
+    )
     p.add_argument("--model", help="registered model name (afmp models lists them)")
     p.add_argument("--dataset", help="data set name")
     p.add_argument("--data-dir", help="where the data set's files are")
@@ -609,6 +703,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", type=float)
+    p.add_argument(
+        "--weight-decay-on",
+        choices=["all", "weights"],
+        help="all parameters (default) or only layer weights: not norms, biases, embeddings",
+    )
     p.add_argument("--scheduler", choices=["cosine", "plateau"])
     p.add_argument("--warmup-epochs", type=float)
     p.add_argument("--clip-grad", type=float, help="max gradient norm (0: off)")
@@ -618,6 +717,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--ema-decay", type=float, help="keep an EMA of the weights (e.g. 0.99) and evaluate it (0: off)"
     )
     p.add_argument("--no-amp", dest="amp", action="store_false", default=None, help="no autocast on CUDA")
+    p.add_argument(
+        "--compile", action="store_true", default=None, help="torch.compile the model for the training steps"
+    )
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--seed", type=int)
     p.add_argument(
@@ -657,8 +759,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values: dict = {}
     if args.config:
+        path = Path(args.config)
+        shipped = Path(__file__).parent / "configs" / f"{args.config}.yaml"
+        if not path.is_file() and shipped.is_file():  # a config shipped with afmp, by name
+            path = shipped
+        if not path.is_file():
+            names = ", ".join(p.stem for p in sorted(shipped.parent.glob("*.yaml")))
+            raise UsageError(f"--config {args.config}: no such file, and not a shipped config ({names})")
         try:
-            loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+            loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise UsageError(f"{args.config} is not valid YAML ({err})") from err
         if not isinstance(loaded, dict):
@@ -691,6 +800,6 @@ def main(args: argparse.Namespace) -> int:
 if __name__ == "__main__":  # torchrun --nproc_per_node=N -m afmp.train ... (same flags as afmp train)
     import sys
 
-    from afmp.cli import main as cli_main
+    from afmp_cli import main as cli_main
 
     sys.exit(cli_main(["train", *sys.argv[1:]]))

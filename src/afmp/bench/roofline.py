@@ -63,14 +63,28 @@ def calibrate(device: torch.device, dtype: torch.dtype) -> dict:
     }
 
 
+def _cache_key(device: torch.device, dtype: torch.dtype) -> str:
+    return f"{device_name(device)}|{dtype}|torch {torch.__version__}"
+
+
+def _read_cache() -> dict:
+    try:
+        cache = json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def cached(device: torch.device, dtype: torch.dtype) -> dict | None:
+    """The calibration for (device, dtype) if one was measured, else None (nothing is measured)."""
+    return _read_cache().get(_cache_key(device, dtype))
+
+
 def load_or_calibrate(device: torch.device, dtype: torch.dtype, refresh: bool = False) -> dict:
     """The cached calibration for (device, dtype), measured now if absent or ``refresh``."""
-    key = f"{device_name(device)}|{dtype}|torch {torch.__version__}"
+    key = _cache_key(device, dtype)
     path = cache_path()
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cache = {}
+    cache = _read_cache()
     if refresh or key not in cache:
         cache[key] = calibrate(device, dtype)
         write_json(path, cache)

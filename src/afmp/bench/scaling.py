@@ -47,7 +47,6 @@ COLUMNS = [
     "peak_mb", "peak_source", "roofline_ms", "roofline_frac", "oom", "note",
 ]  # fmt: skip
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-BENCH_OPTIONS = ("compile",)  # spec options the bench itself consumes
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""AFMP: Attention-Free Modular Perception, with the semantics of docs/afmp-design.md.
+"""AFMP: Attention-Free Modular Perception, with the semantics of docs/model.md.
 
 Tokens exchange messages over a static scaffold (padded neighbour lists), through
 gates computed by a predictive router; a Perceptual Capsule Unit (PCU) updates

@@ -4,7 +4,7 @@ Both take a LongTensor of token ids (B, L) with 0 as padding, derive the validit
 mask from it, and share the embedding, the masked mean pooling and the head, so
 they differ only in how tokens mix:
 
-- ``DiffusionText`` (seeds/003): T iterations of
+- ``DiffusionText``: T iterations of
   ``h <- LayerNorm(alpha * h + (1 - alpha) * MLP(sum_o W_o h_{i+o}))`` over the
   offsets o = -w..w (w = 1 is the seed's left, self and right). The projections and
   the MLP are shared by the T iterations, as in the seed. Unlike the seed's circular
@@ -25,10 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from afmp.layers import ClassifierMixin, make_head
+from afmp.data.text import PAD_ID
+from afmp.layers import ClassifierMixin, init_linear_weights, make_head
 from afmp.registry import check_positive_ints, register_model
-
-PAD_ID = 0
 
 
 # -- shared pieces ------------------------------------------------------------------------
@@ -50,13 +49,6 @@ def masked_mean(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return h.mean(1)
     m = mask.unsqueeze(-1).to(h.dtype)
     return (h * m).sum(1) / m.sum(1).clamp_min(1)
-
-
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
 
 
 class TextClassifier(ClassifierMixin, nn.Module):
@@ -191,7 +183,7 @@ class DiffusionText(TextClassifier):
             mlp_ratio=cfg.mlp_ratio,
             dropout=cfg.dropout,
         )
-        self.apply(_init_weights)
+        self.apply(init_linear_weights)
 
     def forward_features(self, x: torch.Tensor, return_aux: bool = False):
         h, mask = self.embed_tokens(x)
@@ -241,7 +233,7 @@ class TransformerText(TextClassifier):
         self.encoder = nn.TransformerEncoder(
             layer, cfg.num_layers, norm=nn.LayerNorm(cfg.embed_dim), enable_nested_tensor=False
         )
-        self.apply(_init_weights)
+        self.apply(init_linear_weights)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     def forward_features(self, x: torch.Tensor, return_aux: bool = False):

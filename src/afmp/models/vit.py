@@ -25,7 +25,7 @@ import torch
 from timm.layers import DropPath, Mlp, resample_abs_pos_embed, trunc_normal_
 from torch import nn
 
-from afmp.layers import ClassifierMixin, PatchEmbed, check_image_batch, make_head
+from afmp.layers import ClassifierMixin, PatchEmbed, check_image_batch, init_linear_weights, make_head
 from afmp.models.linear_attention import (
     BolyaHydraAttention,
     HydraAttention,
@@ -149,7 +149,7 @@ class VisionTransformer(ClassifierMixin, nn.Module):
         self.head = make_head(cfg.embed_dim, cfg.num_classes)
         trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
-        self.apply(_init_weights)
+        self.apply(init_linear_weights)
 
     def _pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
         if grid == self.pos_grid:
@@ -180,14 +180,6 @@ class VisionTransformer(ClassifierMixin, nn.Module):
         """A random input batch of the shape this model takes (``size``: image side)."""
         size = size or self.cfg.img_size
         return torch.randn(batch_size, self.cfg.in_chans, size, size, device=self.pos_embed.device)
-
-
-def _init_weights(module: nn.Module) -> None:
-    # timm's ViT initialisation: truncated-normal linear weights, zero biases.
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
 
 
 # -- presets --------------------------------------------------------------------------------
