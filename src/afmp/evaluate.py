@@ -19,21 +19,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import yaml
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from afmp.checkpoint import atomic_write, load_checkpoint, write_json
 from afmp.data import build_dataset
 from afmp.errors import UsageError, usage_errors
-from afmp.registry import config_fields, model_entry
-from afmp.rundir import run_labels
 from afmp.train import autocast, resolve_device, to_device
 
 
@@ -197,109 +190,4 @@ def main(args: argparse.Namespace) -> int:
     for r in sorted(scored, key=lambda r: r["accuracy"])[:5]:
         print(f"  lowest: class {r['name']}: {r['accuracy']:.1f}% of {r['support']}")
     print(f"wrote confusion_{args.split}.png, per_class_{args.split}.csv/.json in {args.checkpoint}")
-    return 0
-
-
-# -- afmp compare ---------------------------------------------------------------------------
-def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
-    counter = FlopCounterMode(display=False)
-    # SDPA's math backend is made of matmuls the counter sees (the CPU's fused one has no formula).
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
-        model(x)
-    return counter.get_total_flops()
-
-
-@torch.no_grad()
-def median_latency_ms(
-    model: torch.nn.Module, x: torch.Tensor, *, warmup: int = 3, repeats: int = 10
-) -> float:
-    model.eval()
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-    times = []
-    with autocast(x.device, True):
-        for i in range(warmup + repeats):
-            sync()
-            started = time.perf_counter()
-            model(x)
-            sync()
-            if i >= warmup:
-                times.append(1e3 * (time.perf_counter() - started))
-    return statistics.median(times)
-
-
-def load_runs(runs: list[str | Path], device: torch.device) -> list[tuple]:
-    """(run, results, model on ``device``, plain-PyTorch model on the CPU) of each run directory."""
-    loaded = []
-    for run in map(Path, runs):
-        results_path = run / "results.json"
-        if not results_path.is_file():
-            raise FileNotFoundError(f"{run}: no results.json (is it a run directory of afmp train?)")
-        try:
-            results = json.loads(results_path.read_text())
-        except ValueError as err:
-            raise ValueError(f"{results_path} is not readable JSON ({err})") from err
-        if not isinstance(results, dict):
-            raise ValueError(f"{results_path}: expected an object of results")
-        model = load_checkpoint(run, device=device)
-        model_cls, _ = model_entry(model.model_name)
-        # FLOPs on the CPU through the plain-PyTorch backends: the counter does not see inside kernels.
-        plain = {"backend": "reference"} if "backend" in config_fields(model_cls) else {}
-        loaded.append((run, results, model, load_checkpoint(run, device="cpu", **plain).eval()))
-    return loaded
-
-
-def compare_runs(
-    runs: list[str | Path], *, device: str = "auto", warmup: int = 3, repeats: int = 10
-) -> list[dict]:
-    dev = resolve_device(device)
-    rows = []
-    loaded = load_runs(runs, dev)
-    for label, (_, results, model, cpu_model) in zip(run_labels([r[0] for r in loaded]), loaded):
-        rows.append(
-            {
-                "run": label,
-                "model": model.model_name,
-                "dataset": results.get("dataset"),
-                "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-                "GFLOPs": round(count_flops(cpu_model, cpu_model.example_input(1)) / 1e9, 4),
-                "latency_ms": round(
-                    median_latency_ms(model, model.example_input(1), warmup=warmup, repeats=repeats), 3
-                ),
-                "device": str(dev),
-                "best_val_acc": results.get("best_val_accuracy"),
-                "test_acc": results.get("test_accuracy"),
-            }
-        )
-    return rows
-
-
-def markdown_table(rows: list[dict]) -> str:
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for row in rows:
-        cells = [
-            f"{row[k]:.2f}" if isinstance(row[k], float) and k.endswith("acc") else str(row[k]) for k in keys
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def add_compare_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--runs", nargs="+", required=True, metavar="DIR", help="run directories of afmp train")
-    p.add_argument("--out", required=True, help="folder for compare.csv and compare.md")
-    p.add_argument("--device", default="auto", help="where latency is timed")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=10)
-
-
-def compare_main(args: argparse.Namespace) -> int:
-    with usage_errors():
-        load_runs(args.runs, resolve_device(args.device))  # every run readable before any is timed
-    rows = compare_runs(args.runs, device=args.device, warmup=args.warmup, repeats=args.repeats)
-    out = Path(args.out)
-    write_csv(out / "compare.csv", rows)
-    table = markdown_table(rows)
-    atomic_write(out / "compare.md", lambda tmp: tmp.write_text(table))
-    print(table, end="")
-    print(f"wrote {out / 'compare.csv'} and {out / 'compare.md'}")
     return 0
