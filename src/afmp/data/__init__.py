@@ -7,74 +7,13 @@ vocabulary size). Loaders for each family live in their own module and
 register themselves with ``@register_dataset``.
 """
 
-from __future__ import annotations
-
-import inspect
-from collections.abc import Callable
-from dataclasses import dataclass, field
-
-from torch.utils.data import Dataset
-
-from afmp.errors import UsageError
-
-DATASETS: dict[str, Callable[..., DataBundle]] = {}
-
-
-@dataclass
-class DataBundle:
-    name: str
-    train: Dataset
-    val: Dataset
-    test: Dataset
-    model_args: dict  # e.g. {"img_size": 8, "in_chans": 1, "num_classes": 10}
-    class_names: list[str] | None = None
-    mean: tuple[float, ...] | None = None  # normalisation, so images can be shown again
-    std: tuple[float, ...] | None = None
-    collate_fn: Callable | None = None
-    info: dict = field(default_factory=dict)
-
-
-class DataUnavailable(UsageError):
-    """The files a data set needs are not there; the message says where to put them."""
-
-
-def register_dataset(name: str):
-    def decorator(fn: Callable[..., DataBundle]):
-        if name in DATASETS:
-            raise ValueError(f"data set {name!r} is already registered")
-        DATASETS[name] = fn
-        return fn
-
-    return decorator
-
-
-def list_datasets() -> list[str]:
-    return sorted(DATASETS)
-
-
-# Every loader is handed these; one that has no use for an option ignores it.
-COMMON_OPTIONS = ("data_dir", "download", "val_fraction", "seed")
-
-
-def build_dataset(name: str, **options) -> DataBundle:
-    """Build data set ``name``; ``options`` as the loader takes (data_dir, download, val_fraction...)."""
-    if name not in DATASETS:
-        raise UsageError(f"unknown data set {name!r}; available: {', '.join(list_datasets())}")
-    loader = DATASETS[name]
-    params = inspect.signature(loader).parameters.values()
-    own = [
-        p.name
-        for p in params
-        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in COMMON_OPTIONS
-    ]
-    # A loader taking **options of its own (not a `**_` that swallows them) checks them itself.
-    forwards = any(p.kind == p.VAR_KEYWORD and p.name != "_" for p in params)
-    unknown = sorted(set(options) - set(own) - set(COMMON_OPTIONS))
-    if unknown and not forwards:
-        raise UsageError(
-            f"data set {name!r} has no option {', '.join(unknown)}; its options: {', '.join(own) or 'none'}"
-        )
-    return loader(**options)
-
-
-from afmp.data import images, listops, text, vision  # noqa: E402, F401  (register in-memory and on-disk image sets)  # noqa: E402, F401  (register the sequence data sets)
+from afmp.data import images, listops, text, vision  # noqa: E402, F401  (each registers its data sets)
+from afmp.data.base import (  # noqa: F401  (the package's API)
+    COMMON_OPTIONS,
+    DATASETS,
+    DataBundle,
+    DataUnavailable,
+    build_dataset,
+    list_datasets,
+    register_dataset,
+)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from afmp.data import DataBundle, DataUnavailable, register_dataset
+from afmp.data.base import DataBundle, DataUnavailable, register_dataset
 
 
 class TensorImages(Dataset):

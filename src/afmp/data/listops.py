@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from afmp.checkpoint import atomic_write, write_json
-from afmp.data import DataBundle, DataUnavailable, register_dataset
+from afmp.data.base import DataBundle, DataUnavailable, register_dataset
 from afmp.data.text import TextDataset, pad_collate
 from afmp.errors import UsageError
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from afmp.data import DataBundle, DataUnavailable, register_dataset
+from afmp.data.base import DataBundle, DataUnavailable, register_dataset
 
 PAD_ID = 0
 AGNEWS_CLASSES = ["World", "Sports", "Business", "Sci/Tech"]

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets.utils import download_and_extract_archive
 
-from afmp.data import DataBundle, DataUnavailable, register_dataset
+from afmp.data.base import DataBundle, DataUnavailable, register_dataset
 from afmp.data.images import split_indices
 from afmp.datastats import STATS  # per-channel mean and std of each set's training images
 
