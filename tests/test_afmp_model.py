@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import afmp
 from afmp import scaffold
+from afmp.losses import auxiliary_loss
 from afmp.ops import select_edge_backend
 from afmp.ops.edge import topk_keep
 
@@ -117,10 +118,13 @@ def test_dense_variant_keeps_every_edge_and_has_no_regulariser():
 
 def test_sparsity_loss_is_lambda_times_mean_gate():
     model = afmp.create_model("afmp_tiny", lambda_sparse=0.5)
-    _, aux = model(torch.randn(2, 3, 32, 32), return_aux=True)
+    logits, aux = model(torch.randn(2, 3, 32, 32), return_aux=True)
     valid = model.edge_mask
     mean_gate = torch.stack([g[:, valid].mean() for g in aux["gates"]]).mean()
     assert aux["sparsity_loss"].item() == pytest.approx(0.5 * mean_gate.item(), rel=1e-5)
+    # The loss contract (afmp.losses): the same term, the only one, is what training adds.
+    assert list(aux["losses"]) == ["sparsity"] and aux["losses"]["sparsity"] is aux["sparsity_loss"]
+    assert auxiliary_loss(aux, logits).item() == aux["sparsity_loss"].item()
 
 
 def test_top_down_changes_the_logits_and_learns():

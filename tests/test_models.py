@@ -8,6 +8,7 @@ import torch
 from timm.data import resolve_model_data_config
 
 import afmp
+from afmp.losses import auxiliary_loss
 from afmp.models.afmp import AFMP
 
 IMAGE_MODELS = [n for n in afmp.list_models() if hasattr(afmp.create_model(n).cfg, "img_size")]
@@ -27,7 +28,7 @@ def test_registered_model_forward_backward(name):
     assert logits.shape == (2, model.num_classes)
     assert bool(torch.isfinite(logits).all())
     assert isinstance(aux, dict)
-    loss = logits.float().square().mean() + aux.get("sparsity_loss", 0.0)
+    loss = logits.float().square().mean() + auxiliary_loss(aux, logits)
     loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not no_grad, f"parameters without a gradient: {no_grad}"

@@ -21,6 +21,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from afmp.losses import auxiliary_loss
+
 
 def search_batch_size(fits: Callable[[int], bool], max_batch: int, *, multiple_of: int = 8) -> int:
     """Largest b <= max_batch with ``fits(b)`` (assumed monotone); 0 if not even 1 fits.
@@ -70,7 +72,7 @@ def training_peak_bytes(model, make_batch: Callable[[int], tuple], batch_size: i
         inputs, labels = make_batch(batch_size)
         with autocast():
             logits, aux = model(inputs, return_aux=True)
-            loss = F.cross_entropy(logits.float(), labels) + aux.get("sparsity_loss", 0)
+            loss = F.cross_entropy(logits.float(), labels) + auxiliary_loss(aux, logits)
         loss.backward()
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)

@@ -57,6 +57,7 @@ from afmp.checkpoint import (
 from afmp.data import DataBundle, build_dataset
 from afmp.ema import WeightEMA
 from afmp.errors import UsageError, usage_errors
+from afmp.losses import auxiliary_loss
 from afmp.registry import config_fields, create_model, model_entry
 
 
@@ -316,7 +317,7 @@ def flops_per_train_image(model, make_batch) -> float:
 
         def run():
             logits, aux = model(x, return_aux=True)
-            loss = F.cross_entropy(logits.flatten(0, -2).float(), y.flatten()) + aux.get("sparsity_loss", 0)
+            loss = F.cross_entropy(logits.flatten(0, -2).float(), y.flatten()) + auxiliary_loss(aux, logits)
             loss.backward()
 
         return count(run).total_flops
@@ -341,7 +342,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, device, de
                 task_loss = task_loss + (1 - lam) * F.cross_entropy(
                     logits.float(), mixed_labels, label_smoothing=cfg.label_smoothing
                 )
-            reg = aux.get("sparsity_loss", torch.zeros((), device=device))
+            reg = auxiliary_loss(aux, task_loss)
             loss = task_loss + reg
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

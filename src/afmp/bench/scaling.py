@@ -15,7 +15,7 @@ baseline's options. Registered models are scaled through ``img_size`` (images) o
 sequences.
 
 A train step is forward, cross-entropy against class 0 (plus the model's
-``sparsity_loss``), backward, with the gradients cleared first (no optimizer step);
+``aux["losses"]``, afmp.losses), backward, with the gradients cleared first (no optimizer step);
 an infer step is a forward under ``torch.no_grad`` (under inference_mode, ops bypass the
 counting dispatch mode).
 """
@@ -39,6 +39,7 @@ from torch import nn
 from afmp.bench import counting, roofline, timing
 from afmp.bench.baselines import BASELINES
 from afmp.bench.compiled_bytes import compiled_bytes
+from afmp.losses import auxiliary_loss
 from afmp.registry import config_fields, create_model, list_models, model_entry
 
 COLUMNS = [
@@ -184,7 +185,7 @@ def make_step(bm: BenchModel, model: nn.Module, cfg: BenchConfig, device: torch.
             logits, aux = out if bm.returns_aux else (out, {})
             flat = logits.flatten(0, -2).float()
             target = torch.zeros(flat.shape[0], dtype=torch.long, device=flat.device)
-            loss = F.cross_entropy(flat, target) + aux.get("sparsity_loss", 0.0)
+            loss = F.cross_entropy(flat, target) + auxiliary_loss(aux, flat)
         loss.backward()
 
     return step
