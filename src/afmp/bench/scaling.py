@@ -226,6 +226,7 @@ def bench_one_size(todo: list[tuple[dict, Callable[[], BenchModel]]], cfg, calib
     rows, live = [], []
     for row, make in todo:
         rows.append(row)
+        log(f"{row['model']:32s} {row['resolution']:5d} building, counting costs, warming up ...")
         try:
             live.append((row, *prepare(make, cfg, calib, device, row)))
         except Exception as err:  # noqa: BLE001 - any failure is a row, and the run goes on
