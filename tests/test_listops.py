@@ -140,7 +140,7 @@ def test_reader_errors_say_what_was_expected(tmp_path):
 
 
 def test_no_data_dir_generates_into_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("AFMP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("AFMP_CACHE", str(tmp_path))
     opts = dict(num_train=12, num_val=4, num_test=4, min_length=10, max_length=30)
     bundle = build_dataset("listops", **opts)
     assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (12, 4, 4)

@@ -13,7 +13,6 @@ device, dtype, torch version and CPU thread count; ``--recalibrate`` redoes it.
 from __future__ import annotations
 
 import json
-import os
 import platform
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 
 from afmp.bench.timing import time_step_ms
 from afmp.checkpoint import write_json
+from afmp.environment import cache_dir
 
 # Sizes: big enough to reach the plateau on each device, small enough to take a second.
 MATMUL_SIZES = {"cuda": (4096, 8192), "cpu": (256, 512, 1024, 2048)}
@@ -29,8 +29,7 @@ REPEATS = 10
 
 
 def cache_path() -> Path:
-    root = os.environ.get("AFMP_CACHE") or Path.home() / ".cache" / "afmp"
-    return Path(root) / "roofline.json"
+    return cache_dir() / "roofline.json"
 
 
 def device_name(device: torch.device) -> str:

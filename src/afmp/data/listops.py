@@ -286,8 +286,7 @@ def encode(source: str, *, keep_parens: bool = False) -> list[int]:
 CPU_DEFAULTS = {"num_train": 2000, "num_val": 500, "num_test": 1000, "min_length": 50, "max_length": 200}
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("AFMP_CACHE_DIR") or Path.home() / ".cache" / "afmp")
+from afmp.environment import cache_dir  # noqa: E402  (where generated sets are kept)
 
 
 @register_dataset("listops")
@@ -305,7 +304,7 @@ def listops(
 
     With no ``data_dir``, a CPU-sized set (CPU_DEFAULTS: 2,000 / 500 / 1,000 examples of
     length 51-199, data seed 0; override with ``--data-opt num_train=...`` and the other
-    generate_files options) is generated once into ``$AFMP_CACHE_DIR/listops/<settings>``
+    generate_files options) is generated once into ``$AFMP_CACHE/listops/<settings>``
     (default ``~/.cache/afmp``). LRA ships its own validation split, so ``val_fraction``
     is not used. ``max_len`` truncates (default: the longest sequence of the three splits).
     """

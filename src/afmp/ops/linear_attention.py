@@ -16,11 +16,12 @@ reference elsewhere).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from afmp.environment import triton_interpreted
 
 try:  # triton is an optional dependency; the reference needs none
     from afmp.ops import triton_linear_attention as _triton_impl
@@ -81,7 +82,7 @@ def _why_not_triton(device: torch.device) -> str | None:
         return f"triton is not importable ({_TRITON_IMPORT_ERROR}); pip install triton"
     if device.type == "cuda":
         return None
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type == "cpu" and triton_interpreted():
         return None
     return "the Triton kernel runs on CUDA devices (on the CPU only under TRITON_INTERPRET=1)"
 

@@ -35,17 +35,17 @@ them as plain ints and floats (grid height and width, flattened offsets, lengths
 """
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from afmp.environment import triton_interpreted
 from afmp.ops import stencil_edge
 from afmp.scaffold import Scaffold
 
 # The interpreter is chosen when a kernel is defined, so read the flag at import time.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRETED = triton_interpreted()
 # Launch knobs, read at each call: tokens per program (BLOCK_T) and channels of D per
 # chunk (BLOCK_D) for the forward and the backward kernels, backward programs per
 # launch (each loops over the token tiles left; its weight partials are one row), warps.

@@ -20,11 +20,11 @@ Letters: B batch, H heads, N query rows, M key rows, D head dim (padded to BD).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from afmp.environment import triton_interpreted
 
 MAX_HEAD_DIM = 128  # two BD x BD float32 tiles per program; more would spill registers
 
@@ -34,7 +34,7 @@ MAX_HEAD_DIM = 128  # two BD x BD float32 tiles per program; more would spill re
 # therefore widened to float32; every rounding to the input dtype the compiled kernel does
 # (the state and dnum cast for the tensor-core dots, the stores) is still done, so the
 # interpreter checks the same numerics. Compiled kernels keep bf16 operands.
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+_INTERPRETED = tl.constexpr(triton_interpreted())
 
 
 def _block_d(d: int) -> int:
