@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import afmp_cli as cli
-from afmp import reproduce
+from afmp import ablate, reproduce
 from afmp.rundir import run_labels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -255,3 +255,25 @@ def test_run_labels_tell_runs_apart(tmp_path):
         "afmp_tiny-digits-seed1",
         "d",
     ]
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in reproduce.STUDY_DIR.glob("*.yaml")))
+def test_every_shipped_study_plans_valid_runs(name, tmp_path):
+    # What `afmp reproduce NAME` would train passes afmp train's checks (models, options, data
+    # set names) before anything runs; the end-to-end tests above run the CIFAR ones for real.
+    from argparse import Namespace
+
+    from afmp import train as trainer
+
+    study = reproduce.load_study(name)
+    assert study["claim"] and study["kind"] in reproduce.KINDS
+    runs = reproduce.planned_runs(study, Namespace(data_dir=None, device=None, download=None), tmp_path)
+    if study["kind"] == "scaling":
+        assert runs == [] and study["bench"]["models"]
+        return
+    settings = len(study["models"]) if study["kind"] == "pareto" else len(ablate.STUDIES[study["study"]])
+    expected = study["seeds"] * settings
+    assert len(runs) == expected
+    for _, _, cfg in runs:
+        trainer.check_config(cfg)
+    assert not any(tmp_path.iterdir())  # checking writes nothing
