@@ -172,6 +172,13 @@ def check_config(cfg: TrainConfig) -> None:
         if not ok(value):
             flag = f" (--{name.replace('_', '-')})" if "_" in name else ""
             raise UsageError(f"{name}{flag} must be {expected}, got {value!r}")
+    model_cls, _ = model_entry(cfg.model)  # a ValueError naming the registered models
+    unknown = sorted(set(cfg.model_opts) - set(config_fields(model_cls)))
+    if unknown:
+        raise UsageError(
+            f"unknown option(s) {', '.join(unknown)} for model {cfg.model!r}; "
+            f"valid: {', '.join(config_fields(model_cls))}"
+        )
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; expected a directory (or a path to create one)")
