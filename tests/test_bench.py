@@ -349,10 +349,12 @@ def test_edge_study_takes_the_scaffold_from_model_options(tmp_path):
     out = tmp_path / "edge"
     argv = ["bench", "edge", "--device", "cpu", "--resolutions", "48", "--batch-size", "1", "--repeats", "1"]
     opts = ["--model-opt", "scaffold=delaunay_qhull"]  # 8 masked offsets where delaunay has 6
+    opts += ["--model-opt", "d_model=64", "--model-opt", "patch_size=8"]  # the shape, not AFMP-Small's
     assert afmp_cli.main([*argv, *opts, "--out", str(out)]) == 0
     with open(out / "edge.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows and {(r["layout"], r["max_degree"]) for r in rows} == {("delaunay_qhull", "8")}
+    assert {(r["grid"], r["d_model"]) for r in rows} == {("6x6", "64")}  # 48 / 8 = 6 tokens a side
 
 
 def test_bench_records_threads_and_load_and_warns_when_the_machine_is_busy(tmp_path, monkeypatch, capsys):

@@ -219,22 +219,25 @@ EDGE_COLUMNS = [
 
 
 def edge_study(cfg: scaling.BenchConfig, device: torch.device, out: Path, meta: dict) -> int:
-    """AFMP-Small's per-edge stage alone (patch 16, width 512), each backend that can run here:
-    the bytes it must move over its forward+backward time, against the measured copy bandwidth.
-    ``--model-opt scaffold=LAYOUT`` (and ``window_radius=R``) picks the scaffold."""
+    """AFMP-Small's per-edge stage alone (its preset's patch and width, or --model-opt
+    patch_size=/d_model=), each backend that can run here: the bytes it must move over its
+    forward+backward time, against the measured copy bandwidth. ``--model-opt
+    scaffold=LAYOUT`` (and ``window_radius=R``) picks the scaffold."""
     from afmp.ops import EDGE_BACKENDS
     from afmp.ops.edge_bench import edge_stage_bandwidth
+    from afmp.registry import resolve_config
 
     backends = [name for name, be in EDGE_BACKENDS.items() if be.why_not(device) is None]
-    layout = cfg.model_opts.get("scaffold", "delaunay")
-    radius = int(cfg.model_opts.get("window_radius", 1))
+    with usage_errors():
+        preset = resolve_config("afmp_small", **cfg.model_opts)
+    layout, radius = preset.scaffold, preset.window_radius
     write_json(out / "edge_config.json", {**meta, "backends": backends, "scaffold": layout})
     rows = []
     for resolution in cfg.resolutions:
         for row in edge_stage_bandwidth(
             cfg.batch_size,
-            resolution // 16,
-            512,
+            resolution // preset.patch_size,
+            preset.d_model,
             scaling.DTYPES[cfg.dtype],
             device,
             backends,
