@@ -171,6 +171,11 @@ def test_pareto_study_end_to_end(data_dir, tmp_path):
         )
     assert rows["resnet10t"]["model"] == "convnet_resnet10t"
     assert "- Against FLOPs: frontier " in report
+    # The verdict follows the frontiers listed: the claim needs AFMP on the FLOPs one only.
+    flops_line = next(line for line in report.splitlines() if line.startswith("- Against FLOPs"))
+    latency_lines = [line for line in report.splitlines() if line.startswith("- Against latency")]
+    consistent = "AFMP on it" in flops_line and not any("AFMP on it" in line for line in latency_lines)
+    assert ("Verdict: consistent with the claim" in report) == consistent and "Verdict: " in report
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
 
 

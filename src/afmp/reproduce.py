@@ -19,8 +19,9 @@ where it stopped (finished runs are kept, if they were trained with the same set
 Each study ends with its figure and ``report.md``: the claim, our numbers with their
 spread, and whether the spread allows a conclusion. ``--set KEY=VALUE`` changes any
 entry of the config (dotted: ``train.batch_size=32``, ``bench.repeats=3``, ``seeds=1``).
-``--dry-run`` trains nothing: it prints the runs and their cost, measured here (one
-training step per model at the study's batch size: time, peak memory and counted FLOPs).
+``--dry-run`` trains nothing: it prints the runs and their cost, measured here (each
+model's training step at the study's batch size, median of 5 after 2 warm-up steps: time,
+peak memory and counted FLOPs).
 """
 
 from __future__ import annotations
@@ -157,12 +158,12 @@ def _verdict_paired(rows: list[dict]) -> list[str]:
             side = "above" if r["test_diff_mean"] > 0 else "below"
             lines.append(
                 f"- {r['label']} is {side} {reference['label']} by {abs(r['test_diff_mean']):.2f} points "
-                f"(paired over {r['test_pairs']} seeds, p = {r['test_p_value']:.3f}): distinguishable."
+                f"(paired over {r['test_pairs']} seeds, p = {r['test_p_value']:.3f} < 0.05): distinguishable."
             )
         else:
             lines.append(
                 f"- {r['label']} − {reference['label']} = {r['test_diff_mean']:+.2f} ± {r['test_diff_std']:.2f} "
-                f"points over {r['test_pairs']} seeds (p = {r['test_p_value']:.2f}): within seed noise."
+                f"points over {r['test_pairs']} seeds (p = {r['test_p_value']:.3f}): within seed noise."
             )
     return lines
 
@@ -255,22 +256,27 @@ def run_pareto_study(name: str, study: dict, runs, out: Path, args) -> list[str]
             f"| {r['matmul_gflops']:.4f} | {r['ms_b1']:.2f} | {r['ms_b64']:.2f} |"
         )
     lines += ["", "## Frontiers", ""]
-    for key, axis in [
-        ("matmul_gflops", "FLOPs"),
-        ("ms_b1", "latency at batch 1"),
-        ("ms_b64", "latency at batch 64"),
-    ]:
+    on = {}
+    axes = [("matmul_gflops", "FLOPs"), ("ms_b1", "latency at batch 1"), ("ms_b64", "latency at batch 64")]
+    for key, axis in axes:
         pts = [(r[key], r["accuracy"]) for r in rows]
         front = [rows[i]["run"] for i in plots.pareto_front(pts)]
-        afmp_on = [f for f in front if f.startswith("afmp")]
+        on[axis] = [f for f in front if f.startswith("afmp")]
         lines.append(
             f"- Against {axis}: frontier {', '.join(front)}; AFMP "
-            + (f"on it ({', '.join(afmp_on)})." if afmp_on else "not on it.")
+            + (f"on it ({', '.join(on[axis])})." if on[axis] else "not on it.")
         )
+    flops, latency = bool(on["FLOPs"]), any(on[axis] for _, axis in axes[1:])
+    verdict = {
+        (True, False): "consistent with the claim: AFMP is on the FLOPs frontier and on no latency frontier.",
+        (True, True): "not supported here: AFMP is on the FLOPs frontier and on a latency frontier too.",
+        (False, True): "not supported here: AFMP is on a latency frontier but not on the FLOPs one.",
+        (False, False): "not supported here: AFMP is on no frontier.",
+    }[flops, latency]
     lines += [
         "",
-        "The claim holds where AFMP is on the FLOPs frontier but not on the latency ones. "
-        "Accuracy differences smaller than the stds above are within seed noise.",
+        f"Verdict: {verdict} The frontiers go through mean accuracies; differences smaller than "
+        "the stds above are within seed noise.",
         "",
         "Figure: `pareto.png`.",
     ]
@@ -349,8 +355,8 @@ def step_cost(cfg, device) -> dict:
         resolutions=[side],
         batch_size=cfg.batch_size,
         device=str(device),
-        warmup=1,
-        repeats=2,
+        warmup=2,
+        repeats=5,
     )
     calib = roofline.load_or_calibrate(device, torch.float32)
 
@@ -390,7 +396,7 @@ def dry_run(name: str, study: dict, runs, args) -> list[dict]:
     device = resolve_device(args.device or "auto")
     rate = args.tflops * 1e12 if args.tflops else None
     print(
-        f"{name}: {len(runs)} training runs ({study['seeds']} seed(s)); one step of each model measured on {device}:"
+        f"{name}: {len(runs)} training runs ({study['seeds']} seed(s)); each model's training step measured on {device}:"
     )
     header = (
         "| model | runs | epochs | steps / run | params | GFLOP / step | ms / step | peak MB | hours here |"
