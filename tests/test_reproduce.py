@@ -243,6 +243,10 @@ def test_bad_input_is_one_line(capsys, tmp_path):
         == 2
     )
     assert "unknown train setting(s) epocs" in capsys.readouterr().err
+    assert (
+        cli.main(["reproduce", "ablation-topdown", "--set", "train.lr=-1", "--out", str(tmp_path / "x")]) == 2
+    )
+    assert "lr must be a number >= 0, got -1" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # nothing written
 
 

@@ -110,30 +110,41 @@ def _check_same_settings(cfg: trainer.TrainConfig, results: dict, path: Path) ->
         raise UsageError(f"{path} was trained with other settings ({details}); use a new --out")
 
 
+def check_runs(runs: list[tuple[str, int, trainer.TrainConfig]]) -> None:
+    """Every run's settings, before anything is written or trained."""
+    with usage_errors():
+        for _, _, cfg in runs:
+            trainer.check_config(dataclasses.replace(cfg, resume=False))
+
+
+def train_runs(runs: list[tuple[str, int, trainer.TrainConfig]], *, resume: bool) -> None:
+    """Train every (label, seed, config) run still missing (checked first with check_runs). A
+    finished run (one with a results.json) is kept if it was trained with the same settings;
+    a half-trained one continues from its last epoch with ``resume``, else starts again."""
+    for n, (setting, seed, cfg) in enumerate(runs, 1):
+        results_path = Path(cfg.out) / "results.json"
+        if results_path.is_file():
+            _check_same_settings(cfg, _read_results(results_path), results_path)
+            print(f"[{n}/{len(runs)}] {setting} seed {seed}: done already, kept")
+            continue
+        partial = latest_checkpoint(cfg.out)[0] is not None
+        if partial and not resume:
+            print(
+                f"[{n}/{len(runs)}] {setting} seed {seed}: partial run found, starting again (--resume continues it)"
+            )
+        print(f"[{n}/{len(runs)}] {setting} seed {seed} -> {cfg.out}")
+        trainer.train(dataclasses.replace(cfg, resume=resume and partial))
+
+
 def run_study(study: str, base: trainer.TrainConfig, seeds: int) -> list[dict]:
     """Train every run still missing, then write summary.csv and comparison.png; returns the summary rows."""
     out = Path(base.out)
     with usage_errors():
         runs = run_configs(study, base, seeds)
-        for _, _, cfg in runs:  # every run's settings, before the first is trained
-            trainer.check_config(dataclasses.replace(cfg, resume=False))
+    check_runs(runs)
     with RunLock(out):  # one study writer; each run then locks its own folder
         write_json(out / "study.json", {"study": study, "seeds": seeds, "base": dataclasses.asdict(base)})
-        for n, (setting, seed, cfg) in enumerate(runs, 1):
-            results_path = Path(cfg.out) / "results.json"
-            if results_path.is_file():
-                _check_same_settings(cfg, _read_results(results_path), results_path)
-                print(f"[{n}/{len(runs)}] {setting} seed {seed}: done already, kept")
-                continue
-            partial = latest_checkpoint(cfg.out)[0] is not None
-            if partial and not cfg.resume:
-                print(
-                    f"[{n}/{len(runs)}] {setting} seed {seed}: partial run found, starting again (--resume continues it)"
-                )
-            # --resume continues the runs that have a checkpoint and starts the others.
-            cfg = dataclasses.replace(cfg, resume=cfg.resume and partial)
-            print(f"[{n}/{len(runs)}] {setting} seed {seed} -> {cfg.out}")
-            trainer.train(cfg)
+        train_runs(runs, resume=base.resume)
         rows = summarize(out, study, seeds=range(base.seed, base.seed + seeds))
     print_table(rows)
     return rows

@@ -121,26 +121,6 @@ def planned_runs(study: dict, args, out: Path) -> list[tuple[str, int, object]]:
     return []
 
 
-def train_missing(runs, log=print) -> None:
-    """Train every run without a results.json; a finished one must have the same settings."""
-    from afmp import ablate
-    from afmp import train as trainer
-    from afmp.rundir import latest_checkpoint
-
-    with usage_errors():
-        for _, _, cfg in runs:
-            trainer.check_config(dataclasses.replace(cfg, resume=False))
-    for n, (label, seed, cfg) in enumerate(runs, 1):
-        results = Path(cfg.out) / "results.json"
-        if results.is_file():
-            ablate._check_same_settings(cfg, ablate._read_results(results), results)
-            log(f"[{n}/{len(runs)}] {label} seed {seed}: done already, kept")
-            continue
-        resume = latest_checkpoint(cfg.out)[0] is not None
-        log(f"[{n}/{len(runs)}] {label} seed {seed} -> {cfg.out}" + (" (continuing)" if resume else ""))
-        trainer.train(dataclasses.replace(cfg, resume=resume))
-
-
 # -- reports ----------------------------------------------------------------------------------
 def _verdict_paired(rows: list[dict]) -> list[str]:
     reference = rows[0]
@@ -191,7 +171,7 @@ def write_report(out: Path, name: str, study: dict, body: list[str]) -> Path:
 def run_ablation(name: str, study: dict, runs, out: Path) -> list[str]:
     from afmp import ablate
 
-    train_missing(runs)
+    ablate.train_runs(runs, resume=True)  # a half-trained run continues
     rows = ablate.summarize(out, study["study"], range(runs[0][2].seed, runs[0][2].seed + study["seeds"]))
     best = max(rows, key=lambda r: r["test_mean"])
     return [
@@ -212,11 +192,12 @@ def run_ablation(name: str, study: dict, runs, out: Path) -> list[str]:
 def run_pareto_study(name: str, study: dict, runs, out: Path, args) -> list[str]:
     import torch
 
+    from afmp import ablate
     from afmp.bench import pareto, plots, roofline, scaling
     from afmp.bench.cli import write_table
     from afmp.train import resolve_device
 
-    train_missing(runs)
+    ablate.train_runs(runs, resume=True)  # a half-trained run continues
     labels = [e["label"] for e in study["models"]]
     by_label = {label: [r for r in runs if r[0] == label] for label in labels}
     device = resolve_device(runs[0][2].device)
@@ -474,6 +455,9 @@ def main(args: argparse.Namespace) -> int:
         study = load_study(args.study, sets)
         out = Path(args.out or f"runs/reproduce-{args.study}")
         runs = planned_runs(study, args, out)
+    from afmp import ablate
+
+    ablate.check_runs(runs)  # every run's settings, before anything is written
     if args.dry_run:
         dry_run(args.study, study, runs, args)
         return 0
