@@ -294,6 +294,30 @@ def test_bench_rejects_bad_input(tmp_path, capsys):
         _config(mode="backward")
 
 
+def test_bench_studies_are_sub_parsers_with_their_own_options(capsys):
+    def parse(*argv):
+        return afmp_cli.build_parser(["bench"]).parse_args(["bench", *argv])
+
+    bare = parse()
+    assert (bare.study, bare.device, bare.mode, bare.runs) == ("scaling", "auto", "train", None)
+    # `afmp bench OPTIONS` is the scaling study; an option before the study's name is kept.
+    assert parse("--models", "a", "--device", "cpu").study == "scaling"
+    args = parse("--device", "cpu", "scaling", "--models", "b", "--mode", "infer")
+    assert (args.study, args.device, args.models, args.mode) == ("scaling", "cpu", "b", "infer")
+    args = parse("pareto", "--runs", "r1", "r2", "--repeats", "3")
+    assert (args.study, args.runs, args.repeats, args.device) == ("pareto", ["r1", "r2"], 3, "auto")
+    args = parse("edge", "--resolutions", "8,16", "--model-opt", "scaffold=window")
+    assert (args.study, args.resolutions, args.model_opt) == ("edge", [8, 16], ["scaffold=window"])
+    for argv, complaint in [
+        (("pareto",), "--runs"),  # required
+        (("pareto", "--runs", "r", "--models", "x"), "unrecognized arguments: --models"),  # not pareto's
+        (("edge", "--runs", "r"), "unrecognized arguments: --runs"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse(*argv)
+        assert complaint in capsys.readouterr().err
+
+
 # -- pareto ------------------------------------------------------------------------------------
 def test_pareto_front_and_exponent():
     points = [(1.0, 50.0), (2.0, 40.0), (3.0, 60.0), (0.5, 30.0), (3.0, 55.0)]

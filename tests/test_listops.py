@@ -29,19 +29,19 @@ from afmp_cli import main as cli_main
     ],
 )
 def test_evaluate_literals(source, value):
-    assert L.evaluate(source) == value
+    assert L.expression_value(source) == value
 
 
 @pytest.mark.parametrize("bad", ["", "[MAX 2 9", "[MAX ]", "2 3", "[MAX 2 ] 3", "[FOO 1 2 ]", "] 2"])
 def test_evaluate_rejects_malformed(bad):
     with pytest.raises(ValueError):
-        L.evaluate(bad)
+        L.expression_value(bad)
 
 
 def test_to_source_is_lras_rendering():
     tree = ("[MAX", (2, ("[MIN", (4, 7)), 0))
     assert L.to_source(tree) == "( ( ( ( [MAX 2 ) ( ( ( [MIN 4 ) 7 ) ] ) ) 0 ) ] )"
-    assert L.tree_value(tree) == 4 == L.evaluate(L.to_source(tree))
+    assert L.tree_value(tree) == 4 == L.expression_value(L.to_source(tree))
 
 
 def test_median_matches_numpy_int_median():
@@ -66,7 +66,7 @@ def test_generated_files_are_correct_and_in_lras_format(tmp_path):
         assert len(rows) == n and all(len(r) == 2 for r in rows)
         sources, targets = L.read_tsv(tmp_path / f"basic_{split}.tsv")
         for source, target in zip(sources, targets):
-            assert target == L.evaluate(source)
+            assert target == L.expression_value(source)
             length = sum(tok not in L.PARENS for tok in source.split())
             assert 20 < length < 60
             assert source.startswith("(") and "[" in source
@@ -158,6 +158,6 @@ def test_cli_generate(tmp_path, capsys):
     assert cli_main([*args, "--min-length", "5", "--max-length", "25", "--seed", "1"]) == 0
     assert "wrote 8 / 2 / 3 examples of length 6-24" in capsys.readouterr().out
     sources, targets = L.read_tsv(out / "basic_test.tsv")
-    assert len(sources) == 3 and all(L.evaluate(s) == t for s, t in zip(sources, targets))
+    assert len(sources) == 3 and all(L.expression_value(s) == t for s, t in zip(sources, targets))
     assert cli_main([*args, "--min-length", "5", "--max-length", "6"]) == 2  # a clean error
     assert "strictly between" in capsys.readouterr().err

@@ -27,7 +27,8 @@ import afmp
 import afmp_cli as cli
 from afmp import checkpoint, rundir
 from afmp.errors import UsageError
-from afmp.train import CHECKS, TrainConfig, train
+from afmp.train import TrainConfig, train
+from afmp.train_config import CHECKS
 
 TINY = dict(dataset="synthetic", data_opts={"num_samples": 96, "img_size": 16}, batch_size=16, lr=3e-3)
 TINY_ARGS = ["--dataset", "synthetic", "--data-opt", "num_samples=96", "--data-opt", "img_size=16"]

@@ -272,7 +272,7 @@ def test_every_shipped_study_plans_valid_runs(name, tmp_path):
     # set names) before anything runs; the end-to-end tests above run the CIFAR ones for real.
     from argparse import Namespace
 
-    from afmp import train as trainer
+    from afmp import train_config as trainer
 
     study = reproduce.load_study(name)
     assert study["claim"] and study["kind"] in reproduce.KINDS

@@ -14,8 +14,9 @@ import afmp
 import afmp_cli as cli
 from afmp.data import build_dataset
 from afmp.ema import WeightEMA
+from afmp.registry import model_args_for_data
 from afmp.rundir import sha256_file
-from afmp.train import TrainConfig, config_from_args, make_scheduler, model_args_for_data, train
+from afmp.train import TrainConfig, config_from_args, make_scheduler, train
 
 
 def accuracy(model, split, batch_size) -> float:

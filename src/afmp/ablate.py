@@ -36,10 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
-from afmp import train as trainer
+from afmp import train_config
 from afmp.checkpoint import atomic_write, write_json
 from afmp.errors import UsageError, usage_errors
 from afmp.rundir import RunLock, latest_checkpoint
+from afmp.train import train
+from afmp.train_config import TrainConfig, check_config, config_from_args
 
 # study -> [(setting, plot label, the model options it varies)]
 STUDIES: dict[str, list[tuple[str, str, dict]]] = {
@@ -71,8 +73,8 @@ def run_dir(out: Path, setting: str, seed: int) -> Path:
 
 
 def run_configs(
-    study: str, base: trainer.TrainConfig, seeds: int
-) -> list[tuple[str, int, trainer.TrainConfig]]:
+    study: str, base: TrainConfig, seeds: int
+) -> list[tuple[str, int, TrainConfig]]:
     """(setting, seed, config) of every run, replicate by replicate (a partial study stays balanced)."""
     if study not in STUDIES:
         raise ValueError(f"unknown study {study!r}; choose one of {', '.join(STUDIES)}")
@@ -95,7 +97,7 @@ def run_configs(
     return runs
 
 
-def _check_same_settings(cfg: trainer.TrainConfig, results: dict, path: Path) -> None:
+def _check_same_settings(cfg: TrainConfig, results: dict, path: Path) -> None:
     """A finished run is reused only if it was trained with the settings asked for now."""
     ignore = _RUNTIME_ONLY | (
         {"batch_size"} if getattr(cfg, "auto_batch", False) else set()
@@ -103,21 +105,21 @@ def _check_same_settings(cfg: trainer.TrainConfig, results: dict, path: Path) ->
     asked = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k not in ignore}
     done = {k: v for k, v in results.get("config", {}).items() if k not in ignore}
     # A setting added to afmp train after the run was trained counts as its default.
-    defaults = json.loads(json.dumps(dataclasses.asdict(trainer.TrainConfig())))
+    defaults = json.loads(json.dumps(dataclasses.asdict(TrainConfig())))
     diff = sorted(k for k in asked.keys() | done.keys() if asked.get(k) != done.get(k, defaults.get(k)))
     if diff:
         details = ", ".join(f"{k}: {done.get(k)!r} there, {asked.get(k)!r} now" for k in diff)
         raise UsageError(f"{path} was trained with other settings ({details}); use a new --out")
 
 
-def check_runs(runs: list[tuple[str, int, trainer.TrainConfig]]) -> None:
+def check_runs(runs: list[tuple[str, int, TrainConfig]]) -> None:
     """Every run's settings, before anything is written or trained."""
     with usage_errors():
         for _, _, cfg in runs:
-            trainer.check_config(dataclasses.replace(cfg, resume=False))
+            check_config(dataclasses.replace(cfg, resume=False))
 
 
-def train_runs(runs: list[tuple[str, int, trainer.TrainConfig]], *, resume: bool) -> None:
+def train_runs(runs: list[tuple[str, int, TrainConfig]], *, resume: bool) -> None:
     """Train every (label, seed, config) run still missing (checked first with check_runs). A
     finished run (one with a results.json) is kept if it was trained with the same settings;
     a half-trained one continues from its last epoch with ``resume``, else starts again."""
@@ -133,10 +135,10 @@ def train_runs(runs: list[tuple[str, int, trainer.TrainConfig]], *, resume: bool
                 f"[{n}/{len(runs)}] {setting} seed {seed}: partial run found, starting again (--resume continues it)"
             )
         print(f"[{n}/{len(runs)}] {setting} seed {seed} -> {cfg.out}")
-        trainer.train(dataclasses.replace(cfg, resume=resume and partial))
+        train(dataclasses.replace(cfg, resume=resume and partial))
 
 
-def run_study(study: str, base: trainer.TrainConfig, seeds: int) -> list[dict]:
+def run_study(study: str, base: TrainConfig, seeds: int) -> list[dict]:
     """Train every run still missing, then write summary.csv and comparison.png; returns the summary rows."""
     out = Path(base.out)
     with usage_errors():
@@ -328,13 +330,13 @@ def plot_comparison(results: dict[str, list[dict]], rows: list[dict], path: Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("study", choices=list(STUDIES), help="which ablation study")
     p.add_argument("--seeds", type=int, default=3, help="runs per setting (seeds --seed, --seed + 1, ...)")
-    trainer.add_arguments(p)  # every afmp train option passes through
+    train_config.add_arguments(p)  # every afmp train option passes through
 
 
 def main(args: argparse.Namespace) -> int:
     if args.out is None:
-        args.out = f"runs/ablate-{args.study}-{args.dataset or trainer.TrainConfig.dataset}"
+        args.out = f"runs/ablate-{args.study}-{args.dataset or TrainConfig.dataset}"
     with usage_errors():
-        base = trainer.config_from_args(args)
+        base = config_from_args(args)
     run_study(args.study, base, args.seeds)
     return 0

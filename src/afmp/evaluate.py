@@ -27,7 +27,7 @@ import yaml
 from afmp.checkpoint import atomic_write, load_checkpoint, write_json
 from afmp.data import build_dataset
 from afmp.errors import UsageError, usage_errors
-from afmp.train import autocast, resolve_device, to_device
+from afmp.runtime import autocast, resolve_device, to_device
 
 
 # -- afmp eval ------------------------------------------------------------------------------

@@ -128,6 +128,23 @@ def create_model(name: str, **overrides) -> nn.Module:
     return model
 
 
+def model_args_for_data(name: str, data_args: dict, user_opts: dict) -> dict:
+    """Config overrides that fit model ``name`` to the data; the user's own options win.
+
+    For an image model whose preset was made for another resolution, the patch size
+    is scaled to keep the preset's token grid (AFMP-Tiny: 32/8 on CIFAR, 8/2 on digits).
+    """
+    model_cls, preset = model_entry(name)
+    fields = config_fields(model_cls)
+    args = {k: v for k, v in data_args.items() if k in fields}
+    img = args.get("img_size")
+    if img and "patch_size" in fields and "patch_size" not in user_opts and "img_size" not in user_opts:
+        grid = preset.get("img_size", img) // preset.get("patch_size", 1)
+        divisors = [p for p in range(1, img + 1) if img % p == 0]
+        args["patch_size"] = min(divisors, key=lambda p: (abs(img // p - grid), p))
+    return {**args, **user_opts}
+
+
 def check_positive_ints(cfg, *names: str, minimum: int = 1) -> None:
     """For a Config's ``__post_init__``: each named field must be an int >= ``minimum`` (a bool is not)."""
     for name in names:

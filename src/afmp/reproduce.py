@@ -81,7 +81,7 @@ def load_study(name: str, sets: list[str] | None = None) -> dict:
 
 def train_config(study: dict, args, **fields):
     """A TrainConfig from the study's ``train:`` section, the command line and ``fields``."""
-    from afmp.train import TrainConfig
+    from afmp.train_config import TrainConfig
 
     values = copy.deepcopy(study.get("train", {}))
     values["model_opts"] = {**values.get("model_opts", {}), **fields.pop("model_opts", {})}
@@ -195,7 +195,7 @@ def run_pareto_study(name: str, study: dict, runs, out: Path, args) -> list[str]
     from afmp import ablate
     from afmp.bench import pareto, plots, roofline, scaling
     from afmp.bench.cli import write_table
-    from afmp.train import resolve_device
+    from afmp.runtime import resolve_device
 
     ablate.train_runs(runs, resume=True)  # a half-trained run continues
     labels = [e["label"] for e in study["models"]]
@@ -324,8 +324,7 @@ def step_cost(cfg, device) -> dict:
     import torch
 
     from afmp.bench import roofline, scaling
-    from afmp.registry import create_model
-    from afmp.train import model_args_for_data
+    from afmp.registry import create_model, model_args_for_data
 
     if cfg.dataset not in DATA_SHAPES:
         raise UsageError(f"--dry-run knows the shapes of {', '.join(DATA_SHAPES)}, not {cfg.dataset!r}")
@@ -362,7 +361,7 @@ def dry_run(name: str, study: dict, runs, args) -> list[dict]:
     """Print every run and its cost; returns one row per distinct model configuration."""
     import torch
 
-    from afmp.train import resolve_device
+    from afmp.runtime import resolve_device
 
     if study["kind"] == "scaling":
         bench = study["bench"]

@@ -1,9 +1,10 @@
-"""`afmp bench [scaling|pareto]`: measure what models cost, and write the numbers and plots.
+"""`afmp bench [scaling|pareto|edge]`: measure what models cost, and write the numbers and plots.
 
-    afmp bench                                   # a default set for this device
-    afmp bench --models afmp_small,deit_tiny_sdpa --resolutions 64,224,448 --batch-size 64 \\
-        --dtype bfloat16 --device cuda --out bench/paper
+    afmp bench                                   # the scaling study, a default set for this device
+    afmp bench scaling --models afmp_small,deit_tiny_sdpa --resolutions 64,224,448 --batch-size 64 \\
+        --dtype bfloat16 --device cuda --out bench/paper    # (`afmp bench --models ...` is the same)
     afmp bench pareto --runs runs/a runs/b --out bench/pareto
+    afmp bench edge --resolutions 224,448        # AFMP's edge stage alone, per backend
 
 Without --models/--resolutions the defaults depend on the device: on the CPU a set
 that finishes in about two minutes on two cores; on a GPU the paper's comparison
@@ -66,43 +67,81 @@ def int_list(text: str) -> list[int]:
     return values
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "study",
-        nargs="?",
-        default="scaling",
-        choices=["scaling", "pareto", "edge"],
-        help="scaling (default), pareto, or edge (AFMP's per-edge stage alone, per backend)",
-    )
-    p.add_argument("--models", help="comma-separated specs, e.g. afmp_small@backend=reference,deit_tiny_sdpa")
-    p.add_argument("--resolutions", type=int_list, help="image sizes, e.g. 64,224,448")
-    p.add_argument("--seq-lengths", type=int_list, help="sizes of sequence models (default: --resolutions)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--mode", choices=["train", "infer"], default="train")
+def common_options(p: argparse.ArgumentParser) -> None:
+    """What every study takes: where it runs, in what precision, how long it times."""
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--dtype", choices=list(scaling.DTYPES))
+    p.add_argument("--warmup", type=int, help="untimed steps per model (compilation happens here)")
+    p.add_argument("--repeats", type=int, help="timed steps per model")
+    p.add_argument("--recalibrate", action="store_true", help="measure the roofline again (else cached)")
+    p.add_argument("--out", help="output directory (default bench/<study>)")
+
+
+def model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model-opt", action="append", metavar="KEY=VALUE", help="Config field for every model that has it"
+    )
+
+
+def size_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resolutions", type=int_list, help="image sizes, e.g. 64,224,448")
+    p.add_argument("--batch-size", type=int)
+
+
+def scaling_options(p: argparse.ArgumentParser) -> None:
+    common_options(p)
+    model_options(p)
+    size_options(p)
+    p.add_argument("--models", help="comma-separated specs, e.g. afmp_small@backend=reference,deit_tiny_sdpa")
+    p.add_argument("--seq-lengths", type=int_list, help="sizes of sequence models (default: --resolutions)")
+    p.add_argument("--mode", choices=["train", "infer"], default="train")
     p.add_argument(
         "--precision",
         choices=["autocast", "cast"],
         default="autocast",
         help="autocast (fp32 weights, the training recipe) or cast (model and input in --dtype)",
     )
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.add_argument(
         "--compile", action="store_true", help="torch.compile every model (or per model: @compile=true)"
     )
-    p.add_argument("--warmup", type=int, help="untimed steps per model (compilation happens here)")
-    p.add_argument("--repeats", type=int, help="timed steps per model")
     p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument(
-        "--model-opt", action="append", metavar="KEY=VALUE", help="Config field for every model that has it"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    # `afmp bench [OPTIONS]` is the scaling study, so the parent parser takes its options too.
+    # A study's own parser leaves unset options alone (SUPPRESS), so that the parent's
+    # defaults fill them and an option given before the study's name is kept.
+    scaling_options(p)
+    sub = p.add_subparsers(dest="study", metavar="STUDY")
+    studies = {
+        "scaling": (
+            "time, memory, FLOPs and bytes of --models as --resolutions grow (the default)",
+            scaling_options,
+        ),
+        "pareto": ("test accuracy of trained runs against their FLOPs and latency at batch 1 and 64", None),
+        "edge": ("AFMP's per-edge stage alone, per backend: bytes moved against the copy bandwidth", None),
+    }
+    parsers = {
+        name: sub.add_parser(name, help=text, description=text, argument_default=argparse.SUPPRESS)
+        for name, (text, _) in studies.items()
+    }
+    scaling_options(parsers["scaling"])
+    parsers["pareto"].add_argument(
+        "--runs", nargs="+", metavar="DIR", required=True, help="run directories of afmp train"
     )
-    p.add_argument("--recalibrate", action="store_true", help="measure the roofline again (else cached)")
-    p.add_argument("--runs", nargs="+", metavar="DIR", help="pareto: training run directories")
-    p.add_argument("--out", help="output directory (default bench/<study>)")
+    common_options(parsers["pareto"])
+    common_options(parsers["edge"])
+    model_options(parsers["edge"])
+    size_options(parsers["edge"])
+    for parser in parsers.values():  # argument_default does not reach options given a default
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+    p.set_defaults(study="scaling", runs=None)
 
 
 def config_from_args(args: argparse.Namespace) -> scaling.BenchConfig:
-    from afmp.train import parse_key_values, resolve_device
+    from afmp.runtime import resolve_device
+    from afmp.train_config import parse_key_values
 
     device = resolve_device(args.device)
     defaults = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
@@ -146,8 +185,6 @@ def machine_state() -> dict:
 
 def main(args: argparse.Namespace) -> int:
     with usage_errors():
-        if args.study == "pareto" and not args.runs:
-            raise ValueError("afmp bench pareto needs --runs DIR [DIR ...] (afmp train output directories)")
         cfg = config_from_args(args)
     device = torch.device(cfg.device)
     out = Path(cfg.out)

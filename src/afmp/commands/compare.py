@@ -22,7 +22,7 @@ from afmp.checkpoint import atomic_write, load_checkpoint
 from afmp.errors import usage_errors
 from afmp.evaluate import write_csv
 from afmp.rundir import run_labels
-from afmp.train import autocast, resolve_device
+from afmp.runtime import autocast, resolve_device
 
 
 def load_runs(runs: list[str | Path], device: torch.device) -> list[tuple]:

@@ -76,7 +76,7 @@ def apply_operator(op: str, args: list[int]) -> int:
     )
 
 
-def evaluate(source: str) -> int:
+def expression_value(source: str) -> int:
     """Value of a ListOps expression, with or without LRA's parentheses."""
     stack: list[tuple[str, list[int]]] = []
     result = None
