@@ -158,10 +158,10 @@ def register_compiled_stencil():
 
     register_edge_backend(
         EdgeBackend(
-            "stencil_compiled",
-            torch.compile(stencil_edge.edge_scores, dynamic=False),
-            torch.compile(stencil_edge.gated_aggregate, dynamic=False),
-            scaffold_why_not=stencil_edge.scaffold_why_not,
+            name="stencil_compiled",
+            edge_scores=torch.compile(stencil_edge.edge_scores, dynamic=False),
+            gated_aggregate=torch.compile(stencil_edge.gated_aggregate, dynamic=False),
+            input_why_not=stencil_edge.scaffold_why_not,
         )
     )
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(GRIDS))

@@ -205,3 +205,38 @@ def test_a_checkpoint_saves_its_format_and_a_newer_one_is_refused(tmp_path):
     (tmp_path / "model.json").write_text(spec.replace('"format": 2', '"format": 3'))
     with pytest.raises(ValueError, match="format 3"):
         afmp.load_checkpoint(tmp_path)
+
+
+def test_a_backend_family_walks_its_preference_list_and_says_why_not(monkeypatch):
+    from afmp.ops import backends, linear_attention
+
+    family = backends.BackendFamily("toy", {("cpu", False): [("fast", 10), ("reference", 0)]})
+    family.register(backends.Backend(name="reference"))
+    family.register(
+        backends.Backend(name="fast", input_why_not=lambda arg: "odd input" if arg == "bad" else None)
+    )
+    assert family.names() == ["auto", "reference", "fast"]
+    assert family.select("auto", "cpu", "ok", size=10).name == "fast"
+    assert family.select("auto", "cpu", "ok", size=9).name == "reference"  # below its size
+    assert family.select("auto", "cpu", "bad", size=10).name == "reference"  # cannot take the input
+    assert family.select("auto", "meta", "ok", size=10).name == "reference"  # no list for the device
+    with pytest.raises(RuntimeError, match="toy backend 'fast' cannot run here: odd input"):
+        family.select("fast", "cpu", "bad")
+    with pytest.raises(ValueError, match="unknown toy backend 'slow'; choose one of auto, reference, fast"):
+        family.select("slow", "cpu")
+
+    # Linear attention is a family of the same shape; TRITON_INTERPRET is read in one place.
+    monkeypatch.setattr(backends, "triton_interpreted", lambda: False)
+    with pytest.raises(RuntimeError, match="linear-attention backend 'triton' cannot run here: .*CUDA"):
+        linear_attention.select_linear_attention("triton", "cpu")
+    assert (
+        linear_attention.select_linear_attention("auto", "cpu") is linear_attention.linear_attention_reference
+    )
+    if linear_attention._triton_impl is not None:
+        monkeypatch.setattr(backends, "triton_interpreted", lambda: True)
+        assert linear_attention.select_linear_attention("triton", "cpu") is linear_attention._triton
+        # ... but auto never trains through the interpreter
+        assert (
+            linear_attention.select_linear_attention("auto", "cpu")
+            is linear_attention.linear_attention_reference
+        )

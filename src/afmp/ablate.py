@@ -72,9 +72,7 @@ def run_dir(out: Path, setting: str, seed: int) -> Path:
     return out / setting / f"seed{seed}"
 
 
-def run_configs(
-    study: str, base: TrainConfig, seeds: int
-) -> list[tuple[str, int, TrainConfig]]:
+def run_configs(study: str, base: TrainConfig, seeds: int) -> list[tuple[str, int, TrainConfig]]:
     """(setting, seed, config) of every run, replicate by replicate (a partial study stays balanced)."""
     if study not in STUDIES:
         raise ValueError(f"unknown study {study!r}; choose one of {', '.join(STUDIES)}")

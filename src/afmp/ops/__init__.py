@@ -2,8 +2,8 @@
 
 Each backend provides ``edge_scores`` and ``gated_aggregate`` with the signatures of
 ``afmp.ops.edge`` (the scaffold as last argument), ``why_not(device)`` and
-``scaffold_why_not(scaffold)``: None when it can run there and on that scaffold, or the
-reason it cannot.
+``input_why_not(scaffold)`` (afmp.ops.backends: None when it can run there and on
+that scaffold, or the reason it cannot).
 
     reference  padded neighbour lists, plain PyTorch: (B, N, K, C) gathers
     packed     the real edges only, plain PyTorch: index_select / index_add
@@ -12,9 +12,9 @@ reason it cannot.
     triton     Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1 for tests)
 
 ``auto`` takes the first of ``AUTO[device type, compiled]`` that can run and is meant
-for a grid of that many tokens: the order is the measured one, fastest first (docs/results.md, "Which backend auto picks"). The
-choice is made inside the model's forward, so under torch.compile it is the compiled
-order (``torch.compiler.is_compiling()``).
+for a grid of that many tokens: the order is the measured one, fastest first
+(docs/results.md, "Which backend auto picks"). The choice is made inside the model's
+forward, so under torch.compile it is the compiled order (``torch.compiler.is_compiling()``).
 """
 
 from __future__ import annotations
@@ -25,32 +25,15 @@ from dataclasses import dataclass
 import torch
 
 from afmp.ops import edge, packed_edge, stencil_edge
+from afmp.ops.backends import Backend, BackendFamily
 from afmp.scaffold import Scaffold
 
 
-def _anywhere(_) -> None:
-    return None
-
-
-@dataclass(frozen=True)
-class EdgeBackend:
-    name: str
+@dataclass(frozen=True, kw_only=True)
+class EdgeBackend(Backend):
     edge_scores: Callable
     gated_aggregate: Callable
-    why_not: Callable[[torch.device], str | None] = _anywhere
-    scaffold_why_not: Callable[[Scaffold], str | None] = _anywhere
 
-
-EDGE_BACKENDS: dict[str, EdgeBackend] = {
-    "reference": EdgeBackend("reference", edge.edge_scores, edge.gated_aggregate),
-    "packed": EdgeBackend("packed", packed_edge.edge_scores, packed_edge.gated_aggregate),
-    "stencil": EdgeBackend(
-        "stencil",
-        stencil_edge.edge_scores,
-        stencil_edge.gated_aggregate,
-        scaffold_why_not=stencil_edge.scaffold_why_not,
-    ),
-}
 
 # Fastest first, by the training-step measurements in docs/results.md ("Which backend auto
 # picks"), keyed by (device type, compiled): (backend, fewest tokens per image it is
@@ -66,42 +49,36 @@ AUTO: dict[tuple[str, bool], list[tuple[str, int]]] = {
     ("cuda", True): [("reference", 0), ("stencil", 0), ("triton", 0)],
 }
 
+EDGE_BACKENDS = BackendFamily("edge", AUTO)
+EDGE_BACKENDS.register(
+    EdgeBackend(name="reference", edge_scores=edge.edge_scores, gated_aggregate=edge.gated_aggregate)
+)
+EDGE_BACKENDS.register(
+    EdgeBackend(
+        name="packed", edge_scores=packed_edge.edge_scores, gated_aggregate=packed_edge.gated_aggregate
+    )
+)
+EDGE_BACKENDS.register(
+    EdgeBackend(
+        name="stencil",
+        edge_scores=stencil_edge.edge_scores,
+        gated_aggregate=stencil_edge.gated_aggregate,
+        input_why_not=stencil_edge.scaffold_why_not,
+    )
+)
+
 
 def register_edge_backend(backend: EdgeBackend) -> None:
-    EDGE_BACKENDS[backend.name] = backend
+    EDGE_BACKENDS.register(backend)
 
 
 def edge_backend_names() -> list[str]:
-    return ["auto", *EDGE_BACKENDS]
-
-
-def _why_not(backend: EdgeBackend, device: torch.device, sc: Scaffold | None) -> str | None:
-    reason = backend.why_not(device)
-    if reason is None and sc is not None:
-        reason = backend.scaffold_why_not(sc)
-    return reason
+    return EDGE_BACKENDS.names()
 
 
 def select_edge_backend(name: str, device: torch.device | str, sc: Scaffold | None = None) -> EdgeBackend:
     """The backend called ``name``, or for ``auto`` the fastest that runs on ``device`` and ``sc``."""
-    device = torch.device(device)
-    if name == "auto":
-        tokens = sc.num_tokens if sc is not None else 0
-        for candidate, min_tokens in AUTO.get((device.type, torch.compiler.is_compiling()), []):
-            if (
-                tokens >= min_tokens
-                and candidate in EDGE_BACKENDS
-                and _why_not(EDGE_BACKENDS[candidate], device, sc) is None
-            ):
-                return EDGE_BACKENDS[candidate]
-        return EDGE_BACKENDS["reference"]  # runs anywhere, on any scaffold
-    if name not in EDGE_BACKENDS:
-        raise ValueError(f"unknown edge backend {name!r}; choose one of {', '.join(edge_backend_names())}")
-    backend = EDGE_BACKENDS[name]
-    reason = _why_not(backend, device, sc)
-    if reason is not None:
-        raise RuntimeError(f"edge backend {name!r} cannot run here: {reason}")
-    return backend
+    return EDGE_BACKENDS.select(name, device, sc, size=sc.num_tokens if sc is not None else 0)
 
 
 try:  # the Triton kernels are optional: without triton, no ``triton`` backend
@@ -109,12 +86,12 @@ try:  # the Triton kernels are optional: without triton, no ``triton`` backend
 except ImportError:
     triton_edge = None
 else:
-    register_edge_backend(
+    EDGE_BACKENDS.register(
         EdgeBackend(
-            "triton",
-            triton_edge.edge_scores,
-            triton_edge.gated_aggregate,
-            triton_edge.why_not,
-            scaffold_why_not=stencil_edge.scaffold_why_not,  # the kernels address a grid
+            name="triton",
+            edge_scores=triton_edge.edge_scores,
+            gated_aggregate=triton_edge.gated_aggregate,
+            why_not=triton_edge.why_not,
+            input_why_not=stencil_edge.scaffold_why_not,  # the kernels address a grid
         )
     )

@@ -8,20 +8,21 @@ which is softmax-free attention with the kernel phi(q)^T phi(k) >= 0, computed i
 O(N) through the state (S, z) instead of the N x M kernel matrix. Tensors are
 (B, H, N, D) for queries and (B, H, M, D) for keys and values.
 
-Backends by name, like the edge stage's (afmp.ops): ``reference`` (plain PyTorch,
-runs anywhere), ``triton`` (the fused kernel in afmp.ops.triton_linear_attention:
-CUDA, or the CPU under TRITON_INTERPRET=1) and ``auto`` (triton on CUDA,
-reference elsewhere).
+Backends by name, a family like the edge stage's (afmp.ops.backends): ``reference``
+(plain PyTorch, runs anywhere), ``triton`` (the fused kernel in
+afmp.ops.triton_linear_attention: CUDA, or the CPU under TRITON_INTERPRET=1) and
+``auto`` (triton on CUDA, reference elsewhere).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from afmp.environment import triton_interpreted
+from afmp.ops.backends import Backend, BackendFamily, triton_why_not
 
 try:  # triton is an optional dependency; the reference needs none
     from afmp.ops import triton_linear_attention as _triton_impl
@@ -77,49 +78,44 @@ def linear_attention_quadratic(
 
 
 # -- backends -------------------------------------------------------------------------------
-def _why_not_triton(device: torch.device) -> str | None:
+@dataclass(frozen=True, kw_only=True)
+class LinearAttentionBackend(Backend):
+    attend: Callable  # (q, k, v, eps) -> out
+
+
+def _triton_why_not(device: torch.device) -> str | None:
     if _triton_impl is None:
         return f"triton is not importable ({_TRITON_IMPORT_ERROR}); pip install triton"
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu" and triton_interpreted():
-        return None
-    return "the Triton kernel runs on CUDA devices (on the CPU only under TRITON_INTERPRET=1)"
+    return triton_why_not(device)
 
 
 def _triton(q, k, v, eps):
     return _triton_impl.linear_attention_triton(q, k, v, eps)
 
 
-LINEAR_ATTENTION_BACKENDS: dict[str, tuple[Callable, Callable[[torch.device], str | None]]] = {
-    "reference": (linear_attention_reference, lambda device: None),
-    "triton": (_triton, _why_not_triton),
-}
+# The Triton kernel on CUDA, the reference elsewhere: the interpreter is for checking the
+# kernel, far too slow to train with, so ``auto`` never picks it on the CPU.
+LINEAR_ATTENTION_BACKENDS = BackendFamily(
+    "linear-attention",
+    {("cuda", False): [("triton", 0)], ("cuda", True): [("triton", 0)]},
+)
+LINEAR_ATTENTION_BACKENDS.register(
+    LinearAttentionBackend(name="reference", attend=linear_attention_reference)
+)
+LINEAR_ATTENTION_BACKENDS.register(
+    LinearAttentionBackend(name="triton", attend=_triton, why_not=_triton_why_not)
+)
 
 
 def linear_attention_backend_names() -> list[str]:
-    return ["auto", *LINEAR_ATTENTION_BACKENDS]
+    return LINEAR_ATTENTION_BACKENDS.names()
 
 
 def select_linear_attention(name: str, device: torch.device | str) -> Callable:
-    """The function ``(q, k, v, eps) -> out`` of backend ``name`` on ``device``.
-
-    ``auto`` is the Triton kernel on CUDA and the reference elsewhere (the interpreter
-    is for checking the kernel, far too slow to train with); an explicit name that
-    cannot run on ``device`` is an error that says why.
-    """
-    device = torch.device(device)
-    if name == "auto":
-        name = "triton" if device.type == "cuda" and _why_not_triton(device) is None else "reference"
-    if name not in LINEAR_ATTENTION_BACKENDS:
-        raise ValueError(
-            f"unknown linear-attention backend {name!r}; choose one of {', '.join(linear_attention_backend_names())}"
-        )
-    fn, why_not = LINEAR_ATTENTION_BACKENDS[name]
-    reason = why_not(device)
-    if reason is not None:
-        raise ValueError(f"linear-attention backend {name!r} cannot run on {device}: {reason}")
-    return fn
+    """The function ``(q, k, v, eps) -> out`` of backend ``name`` on ``device`` (``auto``:
+    the Triton kernel on CUDA, the reference elsewhere); an explicit name that cannot
+    run on ``device`` is an error that says why."""
+    return LINEAR_ATTENTION_BACKENDS.select(name, device).attend
 
 
 def linear_attention(

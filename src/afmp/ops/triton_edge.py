@@ -42,6 +42,7 @@ import triton.language as tl
 
 from afmp.environment import triton_interpreted
 from afmp.ops import stencil_edge
+from afmp.ops.backends import triton_why_not
 from afmp.scaffold import Scaffold
 
 # The interpreter is chosen when a kernel is defined, so read the flag at import time.
@@ -715,9 +716,4 @@ def gated_aggregate(s, keep, m, w_g, b_g, sc: Scaffold) -> tuple[torch.Tensor, t
 
 
 def why_not(device: torch.device) -> str | None:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu" and INTERPRETED:
-        return None
-    return f"the Triton kernels need a CUDA device, not {device.type} (or TRITON_INTERPRET=1 on the CPU)"
+    return triton_why_not(device, interpreted=INTERPRETED)
