@@ -254,7 +254,7 @@ def test_compiles_without_graph_breaks():
 @pytest.mark.parametrize("with_p", [True, False])
 def test_opcheck(with_p):
     sc = scaffold.window(5, 1).to(DEVICE)  # two offsets: the interpreter runs the kernels often here
-    grid = te._grid_args(sc)
+    grid = te.stencil_args(sc)
     n, kk = sc.mask.shape
     gen = torch.Generator().manual_seed(4)
     f32 = torch.float32

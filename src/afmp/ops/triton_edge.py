@@ -35,6 +35,7 @@ them as plain ints and floats (grid height and width, flattened offsets, lengths
 """
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -450,6 +451,16 @@ def _mask_bytes(mask: torch.Tensor) -> torch.Tensor:
     return mask.contiguous().view(torch.uint8)
 
 
+def _strides(name: str, t: torch.Tensor, axes: str = "BN") -> dict:
+    """``t``'s strides as the kernels name them: s<name><axis> (sqB, sqN for q's batch and token)."""
+    return {f"s{name}{axis}": t.stride(i) for i, axis in enumerate(axes)}
+
+
+def _row_strides(**rows: torch.Tensor) -> dict:
+    """Batch and token strides of every (B, N, C) operand, by the operand's name."""
+    return {key: stride for name, t in rows.items() for key, stride in _strides(name, t).items()}
+
+
 # -- custom ops --------------------------------------------------------------------------
 @torch.library.custom_op("afmp::edge_scores", mutates_args=())
 def edge_scores_op(
@@ -484,13 +495,13 @@ def edge_scores_op(
         (batch, n, kk), dtype=_scores_dtype(q, k, a, b, h, p if has_p else None, w_err, w_len, w_out, b_out)
     )
     err = q.new_empty((batch, n, kk), dtype=torch.float32)
+    rows = dict(q=q, k=k, a=a, b=b, h=h, p=p)  # (B, N, C) operands; p is h's stand-in when absent
+    weights = dict(w_err=w_err if has_p else w_len, w_len=w_len, w_out=w_out, b_out=b_out.reshape(1))
     _scores_fwd_kernel[(triton.cdiv(n, BLOCK_T), batch)](
-        q, k, a, b, h, p, w_err if has_p else w_len, w_len, w_out, b_out.reshape(1), _mask_bytes(mask),
-        s, err, n, height, width, r, f, d,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), a.stride(0), a.stride(1),
-        b.stride(0), b.stride(1), h.stride(0), h.stride(1), p.stride(0), p.stride(1),
-        LENGTHS=tuple(map(float, lengths)), HAS_P=has_p, BT=BLOCK_T, RP=_pow2(r), FP=_pow2(f), BD=_chunk(d, BLOCK_D),
-        num_warps=NUM_WARPS, **stencil,
+        **rows, **weights, mask=_mask_bytes(mask), s_out=s, err_out=err,
+        N=n, H=height, W=width, R=r, F=f, D=d, **_row_strides(**rows),
+        LENGTHS=tuple(map(float, lengths)), HAS_P=has_p, BT=BLOCK_T, RP=_pow2(r), FP=_pow2(f),
+        BD=_chunk(d, BLOCK_D), num_warps=NUM_WARPS, **stencil,
     )  # fmt: skip
     return s, err
 
@@ -534,14 +545,15 @@ def edge_scores_backward_op(
     dq, dk, da, db = (x.new_empty(x.shape) for x in (q, k, a, b))
     dh, dp = (x.new_empty(x.shape if has_p else (0,)) for x in (h, p))
     partial = torch.empty((batch * programs, 4, fp), dtype=torch.float32, device=q.device)
+    rows = dict(q=q, k=k, a=a, b=b, h=h, p=p)  # (B, N, C) operands; p is h's stand-in when absent
+    weights = dict(w_err=w_err if has_p else w_len, w_len=w_len, w_out=w_out)
+    grads = dict(dq=dq, dk=dk, da=da, db=db, dh=dh if has_p else dq, dp=dp if has_p else dq)
     _scores_bwd_kernel[(programs, batch)](
-        ds.contiguous(), err.contiguous(), q, k, a, b, h, p, w_err if has_p else w_len, w_len, w_out,
-        _mask_bytes(mask), dq, dk, da, db, dh if has_p else dq, dp if has_p else dq, partial,
-        n, height, width, r, f, d, iters,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), a.stride(0), a.stride(1),
-        b.stride(0), b.stride(1), h.stride(0), h.stride(1), p.stride(0), p.stride(1),
-        LENGTHS=tuple(map(float, lengths)), HAS_P=has_p, BT=BWD_BLOCK_T, RP=_pow2(r), FP=fp, BD=_chunk(d, BWD_BLOCK_D),
-        num_warps=BWD_NUM_WARPS, **stencil,
+        ds=ds.contiguous(), err=err.contiguous(), **rows, **weights, mask=_mask_bytes(mask),
+        **grads, partial=partial,
+        N=n, H=height, W=width, R=r, F=f, D=d, iters=iters, **_row_strides(**rows),
+        LENGTHS=tuple(map(float, lengths)), HAS_P=has_p, BT=BWD_BLOCK_T, RP=_pow2(r), FP=fp,
+        BD=_chunk(d, BWD_BLOCK_D), num_warps=BWD_NUM_WARPS, **stencil,
     )  # fmt: skip
     weights = partial.sum(0)  # the outputs below are copies: an op's outputs may not alias
     dw_err = weights[2, :f].to(w_err.dtype, copy=True) if has_p else w_len.new_empty(0)
@@ -598,8 +610,8 @@ def gated_aggregate_op(
     gate_mean = s.new_empty((batch, n, kk), dtype=_promote(s, w_g, b_g))
     keep = keep.expand(batch, n, kk).view(torch.uint8)
     _agg_fwd_kernel[(triton.cdiv(n, BLOCK_T), batch)](
-        s, keep, m, w_g, b_g, _mask_bytes(mask), out, gate_mean, n, height, width, d,
-        keep.stride(0), keep.stride(1), keep.stride(2), m.stride(0), m.stride(1),
+        scores=s, keep=keep, m=m, w_g=w_g, b_g=b_g, mask=_mask_bytes(mask), out=out, gate_mean=gate_mean,
+        N=n, H=height, W=width, D=d, **_strides("kp", keep, "BNK"), **_strides("m", m),
         BT=BLOCK_T, BD=_chunk(d, BLOCK_D), num_warps=NUM_WARPS, **stencil,
     )  # fmt: skip
     return out, gate_mean
@@ -637,9 +649,9 @@ def gated_aggregate_backward_op(
     ds, dm = s.new_empty(s.shape), m.new_empty(m.shape)
     partial = torch.empty((batch * programs, 2, nc * bd), dtype=torch.float32, device=s.device)
     _agg_bwd_kernel[(programs, batch)](
-        dout.contiguous(), dgm.contiguous(), s, keep, m, w_g, b_g, _mask_bytes(mask), ds, dm, partial,
-        n, height, width, d, iters,
-        keep.stride(0), keep.stride(1), keep.stride(2), m.stride(0), m.stride(1),
+        dout=dout.contiguous(), dgm=dgm.contiguous(), scores=s, keep=keep, m=m, w_g=w_g, b_g=b_g,
+        mask=_mask_bytes(mask), ds=ds, dm=dm, partial=partial,
+        N=n, H=height, W=width, D=d, iters=iters, **_strides("kp", keep, "BNK"), **_strides("m", m),
         BT=BWD_BLOCK_T, BD=bd, NC=nc, num_warps=BWD_NUM_WARPS, **stencil,
     )  # fmt: skip
     weights = partial.sum(0)
@@ -696,23 +708,36 @@ gated_aggregate_op.register_autograd(_agg_backward, setup_context=_agg_setup)
 
 
 # -- the backend -------------------------------------------------------------------------
-def _grid_args(sc: Scaffold) -> tuple:
-    """(mask, height, width, flattened offsets, lengths) of a stencil scaffold, for the ops."""
+class StencilArgs(NamedTuple):
+    """A stencil scaffold as the custom ops take it (flat: an op's arguments must be tensors,
+    numbers or lists): the (N, K) mask, the grid, slot s's offset at offsets[2s], offsets[2s+1]."""
+
+    mask: torch.Tensor
+    height: int
+    width: int
+    offsets: list[int]
+    lengths: list[float]
+
+
+def stencil_args(sc: Scaffold) -> StencilArgs:
     reason = stencil_edge.scaffold_why_not(sc)
     if reason is not None:
         raise ValueError(f"the triton backend cannot run on this scaffold: {reason}")
     st = sc.stencil
-    return sc.mask, st.height, st.width, [c for offset in st.offsets for c in offset], list(st.lengths)
+    offsets = [c for offset in st.offsets for c in offset]
+    return StencilArgs(sc.mask, st.height, st.width, offsets, list(st.lengths))
 
 
 def edge_scores(q, k, a, b, h, p, w_err, w_len, w_out, b_out, sc: Scaffold) -> torch.Tensor:
     """``afmp.ops.edge.edge_scores`` by the Triton kernels; padding slots score exactly 0."""
-    return edge_scores_op(q, k, a, b, h, p, w_err, w_len, w_out, b_out, *_grid_args(sc))[0]
+    grid = stencil_args(sc)
+    return edge_scores_op(q, k, a, b, h, p, w_err, w_len, w_out, b_out, *grid)[0]
 
 
 def gated_aggregate(s, keep, m, w_g, b_g, sc: Scaffold) -> tuple[torch.Tensor, torch.Tensor]:
     """``afmp.ops.edge.gated_aggregate`` by the Triton kernels."""
-    return gated_aggregate_op(s, keep, m, w_g, b_g, *_grid_args(sc)[:4])
+    grid = stencil_args(sc)
+    return gated_aggregate_op(s, keep, m, w_g, b_g, grid.mask, grid.height, grid.width, grid.offsets)
 
 
 def why_not(device: torch.device) -> str | None:
