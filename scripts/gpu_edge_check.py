@@ -8,7 +8,7 @@
 2. a sweep of the kernels' launch knobs (forward: tokens per tile, D chunk, warps; then
    backward: the same and programs per launch) at 56x56, batch 64, D=512, bf16, keeping
    the fastest for what follows;
-3. the edge stage alone (afmp.ops.edge_bench): batch 64, D=512, bf16, delaunay grids 14,
+3. the edge stage alone (afmp.bench.edge): batch 64, D=512, bf16, delaunay grids 14,
    28, 56, 80, 128, backends reference, stencil (eager), stencil under torch.compile and
    triton, with the bytes the stage must move against the measured copy bandwidth;
 4. only with --training (and a larger --budget-s): one AFMP-Small training step (bf16
@@ -93,8 +93,8 @@ def sweep(budget) -> dict:
     Every setting compiles the kernels anew (tiles and warps are compile-time constants),
     so the grid of settings is a short list, the defaults first.
     """
+    from afmp.bench.edge import edge_stage_bandwidth
     from afmp.ops import triton_edge as te
-    from afmp.ops.edge_bench import edge_stage_bandwidth
 
     def measure():
         (r,) = edge_stage_bandwidth(64, 56, 512, torch.bfloat16, "cuda", ["triton"], repeats=5)
@@ -153,7 +153,7 @@ BACKENDS = ("reference", "stencil", "stencil_compiled", "triton")
 
 
 def register_compiled_stencil():
-    """The stencil backend under torch.compile (inductor), as a backend edge_bench can name."""
+    """The stencil backend under torch.compile (inductor), as a backend the edge study can name."""
     from afmp.ops import EdgeBackend, register_edge_backend, stencil_edge
 
     register_edge_backend(
@@ -176,7 +176,7 @@ def graph_breaks() -> int:
 def edge_stage(budget) -> list[dict]:
     """Every grid with the eager backends first, then the compiled stencil, 56x56 first:
     compiling it takes tens of seconds per grid, so it gets the time that is left."""
-    from afmp.ops.edge_bench import edge_stage_bandwidth
+    from afmp.bench.edge import edge_stage_bandwidth
 
     register_compiled_stencil()
     rows = []

@@ -16,7 +16,8 @@ import afmp
 import afmp_cli
 from afmp import registry
 from afmp.bench import baselines, cli, counting, plots, roofline, scaling
-from afmp.checkpoint import save_checkpoint, write_json
+from afmp.checkpoint import save_checkpoint
+from afmp.files import write_json
 
 REQUIRED = (
     "model resolution tokens batch_size mode dtype device params matmul_gflops total_gflops gbytes "
@@ -350,7 +351,7 @@ def test_pareto_end_to_end(tmp_path):
 
 
 def test_edge_study_writes_the_stage_bandwidth_per_backend(tmp_path):
-    from afmp.ops.edge_bench import edge_stage_bytes
+    from afmp.bench.edge import edge_stage_bytes
 
     out = tmp_path / "edge"
     argv = ["bench", "edge", "--device", "cpu", "--resolutions", "48", "--batch-size", "2", "--repeats", "1"]

@@ -270,7 +270,7 @@ def test_opcheck(with_p):
 
 
 def test_edge_stage_bytes_and_bandwidth_helper(tmp_path, monkeypatch):
-    from afmp.ops.edge_bench import edge_stage_bandwidth, edge_stage_bytes
+    from afmp.bench.edge import edge_stage_bandwidth, edge_stage_bytes
 
     # per token: 3 * (2*64 + 2*64 + 3*512) + 2*512 + 4*8 = 6432 elements of 2 bytes
     assert edge_stage_bytes(1, 1, 8, 512, 64, 64, 2) == 12864

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 import afmp
 import afmp_cli as cli
-from afmp import checkpoint, rundir
+from afmp import checkpoint, files, rundir
 from afmp.errors import UsageError
 from afmp.train import TrainConfig, train
 from afmp.train_config import CHECKS
@@ -189,7 +189,7 @@ def test_every_training_setting_is_checked():
 
 
 def test_results_json_is_strict_json(tmp_path):
-    checkpoint.write_json(tmp_path / "r.json", {"a": float("nan"), "b": [1.5, float("inf")], "c": 2})
+    files.write_json(tmp_path / "r.json", {"a": float("nan"), "b": [1.5, float("inf")], "c": 2})
     text = (tmp_path / "r.json").read_text()
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard {c}")) == {
         "a": None,

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -126,6 +127,22 @@ def test_cli_yaml_config_and_model_options(tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["config"]["epochs"] == 1
 
 
+def test_threads_are_set_and_recorded_with_the_load(tmp_path):
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    try:
+        results = train(TrainConfig(model="afmp_tiny", epochs=1, out=str(tmp_path), threads=want, **TINY))
+        assert torch.get_num_threads() == want
+        machine = results["config"]["machine"]
+        assert machine["threads"] == want and machine["cpus"] == os.cpu_count()
+        assert machine["load_1min"] == pytest.approx(os.getloadavg()[0], abs=2.0)
+        # The run's own config.yaml is a valid --config: the recorded machine is not a setting.
+        argv = ["train", "--config", str(tmp_path / "config.yaml")]
+        assert config_from_args(cli.build_parser(argv).parse_args(argv)).threads == want
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_shipped_digits_config_is_the_no_argument_job():
     """The shipped afmp_tiny_digits.yaml documents `afmp train` with no arguments: same settings."""
     config = Path(afmp.__file__).parent / "configs" / "afmp_tiny_digits.yaml"
@@ -150,11 +167,27 @@ def test_afmp_help_imports_neither_torch_nor_timm():
     assert out.strip() == "[]"
 
 
+def test_key_value_options_read_yaml_values_and_name_the_flag():
+    from afmp.options import parse_key_values
+
+    got = parse_key_values(["sparsity=0.5", "use_top_down=false", "name= a=b", "sizes=[1, 2]", "s=x"])
+    assert got == {"sparsity": 0.5, "use_top_down": False, "name": "a=b", "sizes": [1, 2], "s": "x"}
+    assert parse_key_values(None) == {}
+    with pytest.raises(ValueError, match=r"^--data-opt expects KEY=VALUE \(e.g. n=1\), got 'oops'$"):
+        parse_key_values(["oops"], flag="--data-opt", example="n=1")
+    with pytest.raises(ValueError, match="expects KEY=VALUE"):
+        parse_key_values(["=3"])
+    with pytest.raises(ValueError, match="'a=\\[1': the value is not valid YAML"):
+        parse_key_values(["a=[1"])
+
+
 def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
     assert cli.main(["train", "--model", "nope", "--out", str(tmp_path)]) == 2
     assert "registered models" in capsys.readouterr().err
     assert cli.main(["train", "-o", "sparsity", "--out", str(tmp_path)]) == 2
-    assert "KEY=VALUE" in capsys.readouterr().err
+    assert "-o/--model-opt expects KEY=VALUE (e.g. sparsity=0.5), got 'sparsity'" in capsys.readouterr().err
+    assert cli.main(["bench", "--models", "afmp_tiny@backend", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert "model spec 'afmp_tiny@backend' expects KEY=VALUE" in capsys.readouterr().err
     assert cli.main(["models"]) == 0
     assert "afmp_tiny" in capsys.readouterr().out
 

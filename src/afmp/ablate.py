@@ -27,7 +27,6 @@ last epoch instead of starting again.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import math
@@ -37,8 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from afmp import train_config
-from afmp.checkpoint import atomic_write, write_json
 from afmp.errors import UsageError, usage_errors
+from afmp.files import save_png, write_csv, write_json
 from afmp.rundir import RunLock, latest_checkpoint
 from afmp.train import train
 from afmp.train_config import TrainConfig, check_config, config_from_args
@@ -65,7 +64,17 @@ STUDIES: dict[str, list[tuple[str, str, dict]]] = {
 STUDY_DEFAULTS: dict[str, dict] = {"sparsity": {"use_top_down": False}, "lambda": {"use_top_down": False}}
 
 # Settings that may differ between the runs of one study without changing their results.
-_RUNTIME_ONLY = {"out", "resume", "device", "num_workers", "tensorboard", "viz_every", "resolved_model"}
+_RUNTIME_ONLY = {
+    "out",
+    "resume",
+    "device",
+    "num_workers",
+    "tensorboard",
+    "viz_every",
+    "resolved_model",
+    "threads",
+    "machine",
+}
 
 
 def run_dir(out: Path, setting: str, seed: int) -> Path:
@@ -231,13 +240,7 @@ def summarize(out, study: str, seeds) -> list[dict]:
     if not rows:
         raise ValueError(f"no finished runs of the {study} study under {out}")
 
-    def write(tmp: Path) -> None:
-        with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-
-    atomic_write(out / "summary.csv", write)
+    write_csv(out / "summary.csv", rows)
     plot_comparison(results, rows, out / "comparison.png", title=f"{study} ablation")
     return rows
 
@@ -319,7 +322,7 @@ def plot_comparison(results: dict[str, list[dict]], rows: list[dict], path: Path
     ax.set(title="Average Per-Epoch Training Time", ylabel="Seconds")
     fig.suptitle(f"{title}: mean over seeds, band = ± one std")
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    save_png(fig, path, dpi=110)
     plt.close(fig)
     return path
 

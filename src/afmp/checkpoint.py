@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,44 +23,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from afmp.errors import UsageError
+from afmp.files import atomic_write, write_json
 from afmp.registry import create_model, default_name, model_entry
-from afmp.rundir import fsync_path, sha256_file
+from afmp.rundir import sha256_file
 
 FORMAT = 2
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary name in the same folder, flush it to disk, then
-    rename it onto ``path``: readers see the old file or the new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        fsync_path(tmp)
-        os.replace(tmp, path)
-        fsync_path(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def _strict(obj):
-    """``obj`` with NaN and infinities as None: JSON has no such numbers."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _strict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_strict(v) for v in obj]
-    return obj
-
-
-def write_json(path: str | os.PathLike, obj) -> Path:
-    """Strict JSON (NaN and infinities written as null), atomically."""
-    text = json.dumps(_strict(obj), indent=2, default=str, allow_nan=False) + "\n"
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -18,15 +18,15 @@ the run's own backends) and best validation / test accuracy from results.json.
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import torch
 import yaml
 
-from afmp.checkpoint import atomic_write, load_checkpoint, write_json
+from afmp.checkpoint import load_checkpoint
 from afmp.data import build_dataset
 from afmp.errors import UsageError, usage_errors
+from afmp.files import save_png, write_csv, write_json
 from afmp.runtime import autocast, resolve_device, to_device
 
 
@@ -43,16 +43,6 @@ def run_settings(directory: Path) -> dict:
     if not isinstance(settings, dict):
         raise UsageError(f"{path}: expected a mapping of training settings")
     return settings
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    def write(tmp: Path) -> None:
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-
-    atomic_write(path, write)
 
 
 @torch.no_grad()
@@ -104,7 +94,7 @@ def plot_confusion(confusion: torch.Tensor, class_names: list[str], title: str, 
                     ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7,
                             color="white" if rates[i, j] > 0.5 else "black")  # fmt: skip
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    save_png(fig, path)
     plt.close(fig)
 
 

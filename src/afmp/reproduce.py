@@ -37,6 +37,7 @@ from pathlib import Path
 import yaml
 
 from afmp.errors import UsageError, usage_errors
+from afmp.options import parse_key_value
 
 STUDY_DIR = Path(__file__).parent / "configs" / "studies"
 KINDS = ("ablation", "pareto", "scaling")
@@ -61,16 +62,15 @@ def load_study(name: str, sets: list[str] | None = None) -> dict:
         raise UsageError(f"unknown study {name!r}; choose one of: {', '.join(known)}")
     study = yaml.safe_load(known[name].read_text())
     for item in sets or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--set expects KEY=VALUE (e.g. train.epochs=2), got {item!r}")
+        with usage_errors():
+            key, value = parse_key_value(item, flag="--set", example="train.epochs=2")
         *path, last = key.split(".")
         node = study
         for part in path:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise UsageError(f"--set {key}: {part} is not a section of the {name} config")
-        node[last] = yaml.safe_load(value)
+        node[last] = value
     if study.get("kind") not in KINDS:
         raise UsageError(f"{name}: kind must be one of {', '.join(KINDS)}, got {study.get('kind')!r}")
     seeds = study.get("seeds", 1)
@@ -149,7 +149,7 @@ def _verdict_paired(rows: list[dict]) -> list[str]:
 
 
 def write_report(out: Path, name: str, study: dict, body: list[str]) -> Path:
-    from afmp.checkpoint import atomic_write
+    from afmp.files import atomic_write
 
     text = "\n".join(
         [
@@ -194,7 +194,7 @@ def run_pareto_study(name: str, study: dict, runs, out: Path, args) -> list[str]
 
     from afmp import ablate
     from afmp.bench import pareto, plots, roofline, scaling
-    from afmp.bench.cli import write_table
+    from afmp.files import write_table
     from afmp.runtime import resolve_device
 
     ablate.train_runs(runs, resume=True)  # a half-trained run continues
@@ -268,7 +268,7 @@ def run_scaling_study(name: str, study: dict, out: Path, args) -> list[str]:
     import torch
 
     from afmp.bench import plots, roofline, scaling
-    from afmp.bench.cli import write_table
+    from afmp.files import write_table
 
     bench = dict(study["bench"])
     if args.device is not None:
@@ -460,7 +460,7 @@ def main(args: argparse.Namespace) -> int:
     if args.dry_run:
         dry_run(args.study, study, runs, args)
         return 0
-    from afmp.checkpoint import write_json
+    from afmp.files import write_json
     from afmp.rundir import RunLock
 
     with RunLock(out):

@@ -1,4 +1,5 @@
-"""What every command that runs a model needs: a device, a seed, a precision, a memory figure.
+"""What every command that runs a model needs: a device, a seed, a precision, a memory
+figure, and the threads and load a CPU timing depends on.
 
 ``afmp train``, ``evaluate``, ``compare``, ``bench`` and ``reproduce`` share these, so
 they live here rather than in any one command.
@@ -6,6 +7,7 @@ they live here rather than in any one command.
 
 from __future__ import annotations
 
+import os
 import random
 import resource
 
@@ -50,3 +52,28 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
+
+
+# -- the machine a CPU timing depends on ---------------------------------------------------
+def use_threads(threads: int) -> None:
+    """torch's intra-op threads; 0 keeps its default (one per core, or OMP_NUM_THREADS)."""
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0 (0: torch's default), got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def machine_state() -> dict:
+    """What a CPU timing depends on besides the code: torch's threads, the CPUs, other work."""
+    return {"threads": torch.get_num_threads(), "cpus": os.cpu_count() or 1, "load_1min": os.getloadavg()[0]}
+
+
+def busy_warning(machine: dict) -> str | None:
+    """A warning when the load says other work shares the CPUs (timings slow down and reorder)."""
+    if machine["load_1min"] <= 0.5 * machine["cpus"]:
+        return None
+    return (
+        f"warning: the load average ({machine['load_1min']:.1f}) says other work is running on these "
+        f"{machine['cpus']} CPUs; CPU timings will be slower and their ranking can change. Time one "
+        "thing at a time, and compare ratios within one run (--threads or OMP_NUM_THREADS sets the threads)."
+    )

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
 import math
 import shutil
@@ -43,21 +42,23 @@ from tqdm import tqdm
 from afmp import batch_size as batch_sizing
 from afmp import distributed as ddp
 from afmp import rundir
-from afmp.checkpoint import (
-    atomic_write,
-    model_spec,
-    read_weights,
-    save_checkpoint,
-    saved_config,
-    unwrap,
-    write_json,
-)
+from afmp.checkpoint import model_spec, read_weights, save_checkpoint, saved_config, unwrap
 from afmp.data import DataBundle, build_dataset
 from afmp.ema import WeightEMA
 from afmp.errors import UsageError, usage_errors
+from afmp.files import atomic_write, write_csv, write_json
 from afmp.losses import auxiliary_loss
 from afmp.registry import create_model, model_args_for_data
-from afmp.runtime import autocast, peak_memory_mb, resolve_device, seed_everything, to_device
+from afmp.runtime import (
+    autocast,
+    busy_warning,
+    machine_state,
+    peak_memory_mb,
+    resolve_device,
+    seed_everything,
+    to_device,
+    use_threads,
+)
 from afmp.train_config import TrainConfig, add_arguments, check_config, config_from_args
 
 __all__ = ["TrainConfig", "add_arguments", "config_from_args", "main", "train"]
@@ -107,6 +108,7 @@ class Setup:
 def prepare(cfg: TrainConfig) -> Setup:
     """Check the settings, build data and model, find what --resume continues; write nothing."""
     check_config(cfg)
+    use_threads(cfg.threads)
     out = Path(cfg.out)
     env, device = ddp.init(resolve_device(cfg.device))
     seed_everything(cfg.seed)  # the same seed on every rank: the same initial weights
@@ -290,13 +292,8 @@ def cached_peak_flops(device: torch.device, amp: bool) -> float | None:
 def log_epoch(out: Path, history: dict, tb, lr: float) -> None:
     """history.csv (rewritten whole: it is one row per epoch) and, when on, TensorBoard scalars."""
 
-    def write(tmp: Path) -> None:
-        with tmp.open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["epoch", *history])
-            w.writerows([i + 1, *row] for i, row in enumerate(zip(*history.values())))
-
-    atomic_write(out / "history.csv", write)
+    rows = [{"epoch": i + 1, **dict(zip(history, row))} for i, row in enumerate(zip(*history.values()))]
+    write_csv(out / "history.csv", rows, ["epoch", *history])
     if tb is not None:
         epoch = len(history["val_acc"])
         for key, values in history.items():
@@ -348,7 +345,12 @@ class TrainingRun:
         # What is validated, tested and saved as model.safetensors: the average when there is one.
         self.final = self.ema.module if self.ema is not None else unwrap(model)
         self.params = sum(p.numel() for p in model.parameters())
-        self.resolved = {**dataclasses.asdict(cfg), "resolved_model": model_spec(model)}
+        # The threads and the load: what the run's times and images/s depend on besides the code.
+        machine = machine_state()
+        self.resolved = {**dataclasses.asdict(cfg), "resolved_model": model_spec(model), "machine": machine}
+        warning = busy_warning(machine) if device.type == "cpu" and env.is_main else None
+        if warning:
+            self.log(warning)
         if env.is_main:
             text = yaml.safe_dump(self.resolved, sort_keys=False)
             atomic_write(self.out / "config.yaml", lambda tmp: tmp.write_text(text))

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from afmp.errors import UsageError
+from afmp.options import parse_key_values
 from afmp.registry import config_fields, model_entry
 
 
@@ -50,6 +51,7 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.1
     num_workers: int = 0
+    threads: int = 0  # torch's CPU threads; 0 = torch's default (one per core, or OMP_NUM_THREADS)
     model_opts: dict = field(default_factory=dict)  # Config fields of the model, e.g. sparsity
     data_opts: dict = field(default_factory=dict)  # extra loader options
     resume: bool = False  # continue from the run directory's last checkpoint
@@ -114,6 +116,7 @@ CHECKS = {
     "seed": _integer(0),
     "val_fraction": _number(0, 1, open_low=True, open_high=True),
     "num_workers": _integer(0),
+    "threads": _integer(0),
     "model_opts": _kind(dict, "a mapping of model options"),
     "data_opts": _kind(dict, "a mapping of data options"),
     "resume": _FLAG,
@@ -151,17 +154,6 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 # -- command line -------------------------------------------------------------------------
-def parse_key_values(pairs: list[str] | None) -> dict:
-    """``["sparsity=0.5", "use_top_down=false"]`` -> {"sparsity": 0.5, "use_top_down": False} (YAML values)."""
-    opts = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"expected KEY=VALUE, got {pair!r}")
-        opts[key.strip()] = yaml.safe_load(value)
-    return opts
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
@@ -200,6 +192,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--val-fraction", type=float)
     p.add_argument("--num-workers", type=int)
+    p.add_argument(
+        "--threads", type=int, help="torch's CPU threads (default 0: torch's own); recorded with the load"
+    )
     p.add_argument(
         "-o",
         "--model-opt",
@@ -250,9 +245,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for name in valid - {"model_opts", "data_opts"}:
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
-    values["model_opts"] = {**values.get("model_opts", {}), **parse_key_values(args.model_opt)}
-    values["data_opts"] = {**values.get("data_opts", {}), **parse_key_values(args.data_opt)}
-    values.pop("resolved_model", None)  # present when a run's own config.yaml is passed back in
+    model_opts = parse_key_values(args.model_opt, flag="-o/--model-opt", example="sparsity=0.5")
+    data_opts = parse_key_values(args.data_opt, flag="--data-opt", example="num_train=2000")
+    values["model_opts"] = {**values.get("model_opts", {}), **model_opts}
+    values["data_opts"] = {**values.get("data_opts", {}), **data_opts}
+    for recorded in ("resolved_model", "machine"):  # in a run's own config.yaml, passed back in
+        values.pop(recorded, None)
     unknown = sorted(set(values) - valid)
     if unknown:
         raise ValueError(f"unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")

@@ -23,8 +23,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 
-from afmp.checkpoint import atomic_write, load_checkpoint, write_json  # noqa: E402
+from afmp.checkpoint import load_checkpoint  # noqa: E402
 from afmp.errors import usage_errors  # noqa: E402
+from afmp.files import save_png, write_json  # noqa: E402
 
 
 # -- gates ----------------------------------------------------------------------------------
@@ -135,7 +136,7 @@ def plot_histogram(gates: list[np.ndarray], mask: np.ndarray, path, *, title) ->
 
 def _save(fig, path) -> Path:
     path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    save_png(fig, path, bbox_inches="tight")
     plt.close(fig)
     return path
 

@@ -16,18 +16,17 @@ and PNGs (pareto: pareto.csv, pareto.json, bench_config.json, pareto.png).
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import math
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 from afmp.bench import pareto, plots, roofline, scaling
-from afmp.checkpoint import atomic_write, write_json
 from afmp.errors import usage_errors
+from afmp.files import write_json, write_table
+from afmp.options import parse_key_values
+from afmp.runtime import busy_warning, machine_state, use_threads
 
 DEFAULTS = {
     "cpu": dict(
@@ -75,6 +74,9 @@ def common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, help="timed steps per model")
     p.add_argument("--recalibrate", action="store_true", help="measure the roofline again (else cached)")
     p.add_argument("--out", help="output directory (default bench/<study>)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch's CPU threads (default 0: torch's own choice)"
+    )
 
 
 def model_options(p: argparse.ArgumentParser) -> None:
@@ -141,7 +143,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> scaling.BenchConfig:
     from afmp.runtime import resolve_device
-    from afmp.train_config import parse_key_values
 
     device = resolve_device(args.device)
     defaults = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
@@ -159,33 +160,16 @@ def config_from_args(args: argparse.Namespace) -> scaling.BenchConfig:
         warmup=pick(args.warmup, "warmup"),
         repeats=pick(args.repeats, "repeats"),
         num_classes=args.num_classes,
-        model_opts=parse_key_values(args.model_opt),
+        model_opts=parse_key_values(args.model_opt, flag="--model-opt", example="d_model=64"),
         out=args.out or f"bench/{args.study}",
         recalibrate=args.recalibrate,
     )
 
 
-def write_table(out: Path, stem: str, rows: list[dict], columns: list[str]) -> None:
-    def write_csv(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-
-    atomic_write(out / f"{stem}.csv", write_csv)
-    # JSON has no NaN: a missing measurement is null.
-    clean = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
-    write_json(out / f"{stem}.json", clean)
-
-
-def machine_state() -> dict:
-    """What a CPU timing depends on besides the code: torch's threads, the CPUs, other work."""
-    return {"threads": torch.get_num_threads(), "cpus": os.cpu_count() or 1, "load_1min": os.getloadavg()[0]}
-
-
 def main(args: argparse.Namespace) -> int:
     with usage_errors():
         cfg = config_from_args(args)
+        use_threads(args.threads)
     device = torch.device(cfg.device)
     out = Path(cfg.out)
     if cfg.recalibrate or roofline.cached(device, scaling.DTYPES[cfg.dtype]) is None:
@@ -197,12 +181,9 @@ def main(args: argparse.Namespace) -> int:
     )
     machine = machine_state()
     print(f"threads: {machine['threads']} of {machine['cpus']} CPUs, load average {machine['load_1min']:.1f}")
-    if device.type == "cpu" and machine["load_1min"] > 0.5 * machine["cpus"]:
-        print(
-            f"warning: the load average ({machine['load_1min']:.1f}) says other work is running on these "
-            f"{machine['cpus']} CPUs; CPU timings will be slower and their ranking can change. Time one "
-            "thing at a time, and compare ratios within one run (OMP_NUM_THREADS sets the threads)."
-        )
+    warning = busy_warning(machine) if device.type == "cpu" else None
+    if warning:
+        print(warning)
     meta = {
         "study": args.study,
         "config": dataclasses.asdict(cfg),
@@ -222,7 +203,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"wrote {out}/pareto.csv, pareto.json, pareto.png")
         return 0
     if args.study == "edge":
-        return edge_study(cfg, device, out, meta)
+        from afmp.bench import edge
+
+        return edge.edge_study(cfg, device, out, meta)
     write_json(out / "bench_config.json", meta)
     rows = scaling.run_scaling(cfg, calib)
     write_table(out, "scaling", rows, scaling.COLUMNS)
@@ -231,65 +214,4 @@ def main(args: argparse.Namespace) -> int:
     plots.plot_against_tokens(rows, "peak_mb", "peak memory (MB)", out / "memory_vs_tokens.png", what)
     plots.plot_latency_vs_flops(rows, out / "latency_vs_flops.png", calib)
     print(f"wrote {out}/scaling.csv, scaling.json, bench_config.json, *_vs_*.png")
-    return 0
-
-
-EDGE_COLUMNS = [
-    "resolution",
-    "grid",
-    "layout",
-    "tokens",
-    "max_degree",
-    "batch",
-    "d_model",
-    "dtype",
-    "device",
-    "backend",
-    "fwd_ms",
-    "fwd_bwd_ms",
-    "bytes",
-    "gb_per_s",
-    "copy_gb_per_s",
-    "fraction_of_copy",
-    "error",
-]
-
-
-def edge_study(cfg: scaling.BenchConfig, device: torch.device, out: Path, meta: dict) -> int:
-    """AFMP-Small's per-edge stage alone (its preset's patch and width, or --model-opt
-    patch_size=/d_model=), each backend that can run here: the bytes it must move over its
-    forward+backward time, against the measured copy bandwidth. ``--model-opt
-    scaffold=LAYOUT`` (and ``window_radius=R``) picks the scaffold."""
-    from afmp.ops import EDGE_BACKENDS
-    from afmp.ops.edge_bench import edge_stage_bandwidth
-    from afmp.registry import resolve_config
-
-    backends = [name for name, be in EDGE_BACKENDS.items() if be.why_not(device) is None]
-    with usage_errors():
-        preset = resolve_config("afmp_small", **cfg.model_opts)
-    layout, radius = preset.scaffold, preset.window_radius
-    write_json(out / "edge_config.json", {**meta, "backends": backends, "scaffold": layout})
-    rows = []
-    for resolution in cfg.resolutions:
-        for row in edge_stage_bandwidth(
-            cfg.batch_size,
-            resolution // preset.patch_size,
-            preset.d_model,
-            scaling.DTYPES[cfg.dtype],
-            device,
-            backends,
-            repeats=cfg.repeats,
-            layout=layout,
-            radius=radius,
-        ):
-            rows.append({"resolution": resolution, **row})
-            print(
-                " ".join(
-                    f"{k}={row.get(k)}"
-                    for k in ("grid", "backend", "fwd_bwd_ms", "gb_per_s", "fraction_of_copy", "error")
-                    if k in row
-                )
-            )
-    write_table(out, "edge", rows, EDGE_COLUMNS)
-    print(f"wrote {out}/edge.csv, edge.json, edge_config.json")
     return 0

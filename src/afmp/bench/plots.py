@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from afmp.checkpoint import atomic_write  # noqa: E402
+from afmp.files import save_png  # noqa: E402
 
 
 def _finite(rows, *keys):
@@ -41,7 +41,7 @@ def scaling_exponent(xs, ys) -> float:
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    save_png(fig, path)
     plt.close(fig)
     return path
 

@@ -33,13 +33,13 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from afmp.bench import counting, roofline, timing
 from afmp.bench.baselines import BASELINES
 from afmp.bench.compiled_bytes import compiled_bytes
 from afmp.losses import auxiliary_loss
+from afmp.options import parse_key_values
 from afmp.registry import config_fields, create_model, list_models, model_entry
 
 COLUMNS = [
@@ -101,12 +101,7 @@ def parse_spec(text: str) -> Spec:
     if name not in BASELINES and name not in list_models():
         known = ", ".join([*list_models(), *BASELINES])
         raise ValueError(f"unknown model {name!r}; choose from: {known}")
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"expected NAME@KEY=VALUE in model spec {text!r}, got {pair!r}")
-        options[key] = yaml.safe_load(value)
+    options = parse_key_values(pairs, flag=f"model spec {text!r}", example="afmp_small@backend=stencil")
     compile_ = options.pop("compile", None)
     return Spec(text.strip(), name, options, None if compile_ is None else bool(compile_))
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from afmp.bench import counting, timing
-from afmp.checkpoint import atomic_write, load_checkpoint
+from afmp.checkpoint import load_checkpoint
 from afmp.errors import usage_errors
-from afmp.evaluate import write_csv
+from afmp.files import atomic_write, write_csv
 from afmp.rundir import run_labels
 from afmp.runtime import autocast, resolve_device
 

@@ -33,10 +33,10 @@ from pathlib import Path
 
 import torch
 
-from afmp.checkpoint import atomic_write, write_json
 from afmp.data.base import DataBundle, DataUnavailable, register_dataset
 from afmp.data.text import TextDataset, pad_collate
 from afmp.errors import UsageError
+from afmp.files import atomic_write, write_json
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 # LRA's generator also defines FIRST and LAST, unused by its "basic" task; the reader

@@ -15,12 +15,17 @@ here: a kernel that reads them from L2 moves no more from memory.
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 
 import torch
 
 from afmp import scaffold
-from afmp.ops import select_edge_backend
+from afmp.bench import scaling
+from afmp.errors import usage_errors
+from afmp.files import write_json, write_table
+from afmp.ops import EDGE_BACKENDS, select_edge_backend
 from afmp.ops.edge import topk_keep
+from afmp.registry import resolve_config
 
 
 def edge_stage_bytes(
@@ -172,3 +177,62 @@ def _measure(
         row["fwd_ms"] = median_ms(forward)
     row["topk_ms"] = median_ms(lambda: topk_keep(s0, sc.mask, sc.num_edges, sparsity))
     return row
+
+
+# -- the study: afmp bench edge ------------------------------------------------------------
+EDGE_COLUMNS = [
+    "resolution",
+    "grid",
+    "layout",
+    "tokens",
+    "max_degree",
+    "batch",
+    "d_model",
+    "dtype",
+    "device",
+    "backend",
+    "fwd_ms",
+    "fwd_bwd_ms",
+    "bytes",
+    "gb_per_s",
+    "copy_gb_per_s",
+    "fraction_of_copy",
+    "error",
+]
+
+
+def edge_study(cfg: scaling.BenchConfig, device: torch.device, out: Path, meta: dict) -> int:
+    """AFMP-Small's per-edge stage alone (its preset's patch and width, or --model-opt
+    patch_size=/d_model=), each backend that can run here: the bytes it must move over its
+    forward+backward time, against the measured copy bandwidth. ``--model-opt
+    scaffold=LAYOUT`` (and ``window_radius=R``) picks the scaffold."""
+
+    backends = [name for name, be in EDGE_BACKENDS.items() if be.why_not(device) is None]
+    with usage_errors():
+        preset = resolve_config("afmp_small", **cfg.model_opts)
+    layout, radius = preset.scaffold, preset.window_radius
+    write_json(out / "edge_config.json", {**meta, "backends": backends, "scaffold": layout})
+    rows = []
+    for resolution in cfg.resolutions:
+        for row in edge_stage_bandwidth(
+            cfg.batch_size,
+            resolution // preset.patch_size,
+            preset.d_model,
+            scaling.DTYPES[cfg.dtype],
+            device,
+            backends,
+            repeats=cfg.repeats,
+            layout=layout,
+            radius=radius,
+        ):
+            rows.append({"resolution": resolution, **row})
+            print(
+                " ".join(
+                    f"{k}={row.get(k)}"
+                    for k in ("grid", "backend", "fwd_bwd_ms", "gb_per_s", "fraction_of_copy", "error")
+                    if k in row
+                )
+            )
+    write_table(out, "edge", rows, EDGE_COLUMNS)
+    print(f"wrote {out}/edge.csv, edge.json, edge_config.json")
+    return 0
