@@ -1,4 +1,4 @@
-"""`afmp eval` (one checkpoint, per class) and `afmp compare` (several runs, one table).
+"""`afmp eval`: one checkpoint, per class.
 
 ``afmp eval --checkpoint DIR [--dataset NAME] [--split test]`` rebuilds the model and
 the data set the run used (from DIR/config.yaml, unless told otherwise) and writes,
@@ -8,11 +8,7 @@ into DIR:
     per_class_<split>.csv     support, correct and accuracy of each class
     per_class_<split>.json    the same, the overall accuracy and the confusion matrix
 
-``afmp compare --runs DIR... --out DIR`` writes compare.csv and compare.md (printed)
-with each run's parameters, forward FLOPs at batch 1 (torch.utils.flop_counter,
-counted on the CPU with the plain-PyTorch backends, whose matmuls the counter sees),
-latency (median of timed batch-1 forwards after warm-up on the current device, with
-the run's own backends) and best validation / test accuracy from results.json.
+(`afmp compare`, one table over several runs, is afmp.commands.compare.)
 """
 
 from __future__ import annotations

@@ -154,6 +154,13 @@ def check_positive_ints(cfg, *names: str, minimum: int = 1) -> None:
             raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
+def check_one_of(cfg, name: str, choices) -> None:
+    """For a Config's ``__post_init__``: field ``name`` must be one of ``choices``."""
+    value = getattr(cfg, name)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
 def _check_keys(name: str, model_cls: type[nn.Module], kwargs: dict) -> None:
     valid = config_fields(model_cls)
     unknown = sorted(set(kwargs) - set(valid))

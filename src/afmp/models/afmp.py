@@ -23,7 +23,7 @@ from afmp import scaffold as scaffolds
 from afmp.layers import ClassifierMixin, PatchEmbed, check_image_batch, grid_centres, make_head
 from afmp.ops import edge_backend_names, select_edge_backend
 from afmp.ops.edge import topk_keep
-from afmp.registry import check_positive_ints, register_model
+from afmp.registry import check_one_of, check_positive_ints, register_model
 
 
 class RouterPCULayer(nn.Module):
@@ -113,14 +113,8 @@ class AFMP(ClassifierMixin, nn.Module):
                 raise ValueError(f"sparsity is the fraction of edges pruned, in [0, 1); got {self.sparsity}")
             if self.lambda_sparse < 0:
                 raise ValueError(f"lambda_sparse must be >= 0, got {self.lambda_sparse}")
-            if self.scaffold not in scaffolds.LAYOUTS:
-                raise ValueError(
-                    f"scaffold must be one of {', '.join(scaffolds.LAYOUTS)}, got {self.scaffold!r}"
-                )
-            if self.backend not in edge_backend_names():
-                raise ValueError(
-                    f"backend must be one of {', '.join(edge_backend_names())}, got {self.backend!r}"
-                )
+            check_one_of(self, "scaffold", scaffolds.LAYOUTS)
+            check_one_of(self, "backend", edge_backend_names())
 
     def __init__(self, cfg: Config):
         super().__init__()

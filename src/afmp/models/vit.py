@@ -33,7 +33,7 @@ from afmp.models.linear_attention import (
     SoftmaxAttention,
 )
 from afmp.ops.linear_attention import linear_attention_backend_names
-from afmp.registry import check_positive_ints, register_model
+from afmp.registry import check_one_of, check_positive_ints, register_model
 
 ATTENTIONS = ("softmax", "ripple", "hydra", "hydra_bolya")
 
@@ -113,16 +113,12 @@ class VisionTransformer(ClassifierMixin, nn.Module):
                 raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
             if self.embed_dim % self.num_heads:
                 raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-            if self.attention not in ATTENTIONS:
-                raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
+            check_one_of(self, "attention", ATTENTIONS)
             if not self.mlp_ratio > 0:
                 raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
             if not 0.0 <= self.drop_path_rate < 1.0:
                 raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
-            if self.backend not in linear_attention_backend_names():
-                raise ValueError(
-                    f"backend must be one of {', '.join(linear_attention_backend_names())}, got {self.backend!r}"
-                )
+            check_one_of(self, "backend", linear_attention_backend_names())
 
     def __init__(self, cfg: Config):
         super().__init__()
