@@ -25,7 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ablate": ("afmp.ablate", "run an ablation study (sparsity, lambda, topdown) over seeds"),
     "reproduce": ("afmp.reproduce", "run one of the paper's studies from a shipped config, with a report"),
     "viz": ("afmp.viz", "draw a trained model's gates: graph over images, sparsity, histogram"),
-    "listops": ("afmp.commands.listops", "write LRA ListOps files (afmp listops generate --out DIR)"),
+    "listops": (
+        "afmp.commands.listops",
+        "LRA ListOps: write its files (generate), or what a model must beat (baselines)",
+    ),
 }
 
 

@@ -161,3 +161,22 @@ def test_cli_generate(tmp_path, capsys):
     assert len(sources) == 3 and all(L.expression_value(s) == t for s, t in zip(sources, targets))
     assert cli_main([*args, "--min-length", "5", "--max-length", "6"]) == 2  # a clean error
     assert "strictly between" in capsys.readouterr().err
+
+
+def test_baselines_fit_the_majority_and_the_root_operator_rule_on_train(tmp_path, capsys):
+    train = (
+        ["[MAX 1 9 ]", "( [MAX 2 3 ] )", "[MAX 9 [MIN 0 1 ] ]", "[MIN 4 5 ]", "[MIN 7 8 ]", "[SM 1 1 ]"],
+        [9, 3, 9, 4, 7, 2],
+    )
+    evaluated = (["[MAX 0 9 ]", "[MIN 4 6 ]", "[MED 1 2 3 ]", "[SM 5 5 ]"], [9, 4, 2, 0])
+    # majority 9 everywhere: right once. Rule MAX->9, MIN->4 (a tie: the smaller), SM->2, and
+    # the unseen MED falls back to the majority: right twice.
+    assert L.baselines(train, evaluated) == {"majority": 25.0, "root_operator": 50.0}
+    assert L.root_operator("( ( [SM 1 [MAX 2 ] ) ] )") == "[SM"
+    for split, rows in (("train", train), ("val", evaluated), ("test", evaluated)):
+        L.write_tsv(tmp_path / f"basic_{split}.tsv", list(zip(*rows)))
+    assert cli_main(["listops", "baselines", "--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "test: majority class 25.00%  root-operator rule 50.00%  (4 examples)" in out
+    assert cli_main(["listops", "baselines", "--data-dir", str(tmp_path / "none")]) == 2
+    assert "no basic_train.tsv" in capsys.readouterr().err

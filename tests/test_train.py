@@ -186,7 +186,9 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
     assert "registered models" in capsys.readouterr().err
     assert cli.main(["train", "-o", "sparsity", "--out", str(tmp_path)]) == 2
     assert "-o/--model-opt expects KEY=VALUE (e.g. sparsity=0.5), got 'sparsity'" in capsys.readouterr().err
-    assert cli.main(["bench", "--models", "afmp_tiny@backend", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert (
+        cli.main(["bench", "--models", "afmp_tiny@backend", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    )
     assert "model spec 'afmp_tiny@backend' expects KEY=VALUE" in capsys.readouterr().err
     assert cli.main(["models"]) == 0
     assert "afmp_tiny" in capsys.readouterr().out

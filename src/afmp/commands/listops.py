@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from afmp.data import listops
-from afmp.errors import UsageError
+from afmp.errors import UsageError, usage_errors
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,9 +27,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-depth", type=int, default=10, help="nesting limit (LRA: 10)")
     g.add_argument("--max-args", type=int, default=10, help="arguments per operator, 2..this (LRA: 10)")
     g.add_argument("--seed", type=int, default=0)
+    b = sub.add_parser("baselines", help="accuracy of the majority class and the root-operator rule")
+    b.add_argument("--data-dir", required=True, help="folder with basic_{train,val,test}.tsv")
+
+
+def baselines(data_dir: str) -> int:
+    """Print what a model must beat on val and test: rules fitted on the training split."""
+    root = Path(data_dir)
+    missing = [f"basic_{s}.tsv" for s in listops.SPLITS if not (root / f"basic_{s}.tsv").is_file()]
+    if missing:
+        raise UsageError(
+            f"--data-dir {root}: no {', '.join(missing)} (write them with afmp listops generate)"
+        )
+    with usage_errors():
+        splits = {s: listops.read_tsv(root / f"basic_{s}.tsv") for s in listops.SPLITS}
+        for split in ("val", "test"):
+            got = listops.baselines(splits["train"], splits[split])
+            print(
+                f"{split}: majority class {got['majority']:.2f}%  root-operator rule {got['root_operator']:.2f}%  "
+                f"({len(splits[split][1])} examples)"
+            )
+    return 0
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.action == "baselines":
+        return baselines(args.data_dir)
     for name in ("train", "val", "test"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name} must be >= 0, got {getattr(args, name)}")

@@ -29,6 +29,7 @@ import csv
 import hashlib
 import os
 import random
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -279,6 +280,47 @@ def encode(source: str, *, keep_parens: bool = False) -> list[int]:
             raise ValueError(f"unknown ListOps token {tok!r}; the vocabulary is {', '.join(VOCAB[1:])}")
         ids.append(TOKEN_ID[tok])
     return ids
+
+
+# -- what a model must beat ----------------------------------------------------------------
+def root_operator(source: str) -> str:
+    """The outermost operator of an expression (its first operator token), e.g. ``[MAX``."""
+    for tok in source.split():
+        if tok in OPERATORS or tok in EXTRA_OPERATORS:
+            return tok
+    raise ValueError(f"no operator in ListOps expression {source[:80]!r}")
+
+
+def baselines(train: tuple[list[str], list[int]], evaluated: tuple[list[str], list[int]]) -> dict:
+    """Accuracy (%) on ``evaluated`` of two rules fitted on ``train`` (sources, targets):
+
+    - ``majority``: the most frequent training label, for every example;
+    - ``root_operator``: the most frequent training label among examples with the same
+      outermost operator (MAX -> 9, MIN -> 0, ...): what a model that reads only the first
+      token can reach. A model that beats it has learned something of the nesting.
+    Ties go to the smaller label.
+    """
+    sources, targets = train
+    if not sources:
+        raise ValueError("the training split is empty: nothing to fit the baselines on")
+
+    def most_common(labels) -> int:
+        counts = Counter(labels)
+        return min(counts, key=lambda y: (-counts[y], y))
+
+    overall = most_common(targets)
+    by_root: dict[str, list[int]] = {}
+    for source, target in zip(sources, targets):
+        by_root.setdefault(root_operator(source), []).append(target)
+    rule = {op: most_common(labels) for op, labels in by_root.items()}
+    eval_sources, eval_targets = evaluated
+    n = max(len(eval_targets), 1)
+    return {
+        "majority": 100.0 * sum(t == overall for t in eval_targets) / n,
+        "root_operator": 100.0
+        * sum(rule.get(root_operator(s), overall) == t for s, t in zip(eval_sources, eval_targets))
+        / n,
+    }
 
 
 # -- the registered data set -----------------------------------------------------------------
