@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 import afmp
 import afmp_cli as cli
-from afmp import checkpoint, files, rundir
+from afmp import files, rundir
 from afmp.errors import UsageError
 from afmp.train import TrainConfig, train
 from afmp.train_config import CHECKS
@@ -222,7 +222,7 @@ def _kill_at(monkeypatch, k: int | None) -> list[str]:
         real(path)
 
     monkeypatch.setattr(rundir, "fsync_path", fsync)
-    monkeypatch.setattr(checkpoint, "fsync_path", fsync)
+    monkeypatch.setattr(files, "fsync_path", fsync)
     return calls
 
 

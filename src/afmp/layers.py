@@ -24,6 +24,20 @@ class ClassifierMixin:
     def head_hidden_size(self) -> int:
         return self.num_features
 
+    def forward(self, x: torch.Tensor, return_aux: bool = False):
+        """Logits; with ``return_aux``, also the ``aux`` dict of ``forward_features`` (extra
+        losses under ``aux["losses"]``, and what afmp.viz reads)."""
+        if return_aux:
+            features, aux = self.forward_features(x, return_aux=True)
+            return self.forward_head(features), aux
+        return self.forward_head(self.forward_features(x))
+
+    def example_input(self, batch_size: int = 2, size: int | None = None) -> torch.Tensor:
+        """A random image batch of the shape this model takes (``size``: image side; default
+        the config's ``img_size``). Sequence models override it."""
+        size = size or self.cfg.img_size
+        return torch.randn(batch_size, self.cfg.in_chans, size, size, device=next(self.parameters()).device)
+
     def get_classifier(self) -> nn.Module:
         return self.head
 

@@ -54,22 +54,14 @@ class ConvNet(ClassifierMixin, nn.Module):
         stem = next(n for n, m in self.body.named_modules() if isinstance(m, nn.Conv2d))
         self.first_conv = f"body.{stem}"
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, return_aux: bool = False):
         check_image_batch(x, self.cfg.in_chans, 1)
-        return self.body.forward_features(x)
+        features = self.body.forward_features(x)
+        return (features, {}) if return_aux else features  # no extra losses, nothing for viz
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         pooled = features.mean((2, 3)) if self.global_pool else features
         return pooled if pre_logits else self.head(self.drop(pooled))
-
-    def forward(self, x: torch.Tensor, return_aux: bool = False):
-        logits = self.forward_head(self.forward_features(x))
-        return (logits, {}) if return_aux else logits
-
-    def example_input(self, batch_size: int = 2, size: int | None = None) -> torch.Tensor:
-        """A random input batch of the shape this model takes (``size``: image side)."""
-        size = size or self.cfg.img_size
-        return torch.randn(batch_size, self.cfg.in_chans, size, size, device=next(self.parameters()).device)
 
 
 # ResNet-10-T: timm's smallest ResNet (4.9M parameters, 40 MFLOPs at 28²).

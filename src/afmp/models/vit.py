@@ -166,17 +166,6 @@ class VisionTransformer(ClassifierMixin, nn.Module):
         pooled = features[:, 0] if self.global_pool else features
         return pooled if pre_logits else self.head(pooled)
 
-    def forward(self, x: torch.Tensor, return_aux: bool = False):
-        if return_aux:
-            features, aux = self.forward_features(x, return_aux=True)
-            return self.forward_head(features), aux
-        return self.forward_head(self.forward_features(x))
-
-    def example_input(self, batch_size: int = 2, size: int | None = None) -> torch.Tensor:
-        """A random input batch of the shape this model takes (``size``: image side)."""
-        size = size or self.cfg.img_size
-        return torch.randn(batch_size, self.cfg.in_chans, size, size, device=self.pos_embed.device)
-
 
 # -- presets --------------------------------------------------------------------------------
 # One line per preset. Sizes: "tiny" (CIFAR, 32², small), "cifar" (CIFAR, 32², DeiT-Small's
