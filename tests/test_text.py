@@ -14,6 +14,7 @@ from afmp.batch_size import find_batch_size, search_batch_size
 from afmp.data import DataUnavailable, build_dataset
 from afmp.data import listops as L
 from afmp.data.text import ByteTokenizer, WordTokenizer, pad_collate, read_agnews_csv, read_imdb_split
+from afmp.errors import UsageError
 from afmp.models.text import shift
 from afmp.registry import create_model
 from afmp.train import TrainConfig, train
@@ -285,3 +286,33 @@ def test_forward_head_with_the_padding_mask_is_forward(name):
         unmasked = model.forward_head(features)
         torch.testing.assert_close(unmasked[2], logits[2])
         assert not torch.allclose(unmasked[:2], logits[:2])
+
+
+def test_group_by_length_trains_on_batches_of_similar_length(tmp_path, monkeypatch):
+    from afmp import train as train_module
+    from afmp.models.text import PAD_ID
+
+    L.generate_files(tmp_path / "lo", num_train=64, num_val=4, num_test=4, min_length=10, max_length=60)
+    seen, original = {}, train_module.train_one_epoch
+
+    def recording(model, loader, *args, **kwargs):
+        seen["batches"] = list(loader)
+        return original(model, seen["batches"], *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", recording)
+    examples, padded = {}, {}
+    for grouped in (False, True):
+        r = _train(
+            tmp_path / str(grouped), "diffusion_text", "listops", tmp_path / "lo", group_by_length=grouped
+        )
+        assert r["config"]["group_by_length"] is grouped
+        batches = seen.pop("batches")
+        examples[grouped] = sorted(
+            tuple(row[row != PAD_ID].tolist()) for tokens, _ in batches for row in tokens
+        )
+        padded[grouped] = sum(tokens.numel() for tokens, _ in batches)
+    # The same 64 examples, in batches padded to about their own lengths: fewer padded tokens.
+    assert examples[True] == examples[False] and len(examples[True]) == 64
+    assert padded[True] < 0.8 * padded[False]
+    with pytest.raises(UsageError, match="needs a data set of sequences"):
+        train(TrainConfig(dataset="digits", out=str(tmp_path / "img"), epochs=1, group_by_length=True))

@@ -88,6 +88,47 @@ def train_sampler(dataset, env: DistEnv, seed: int) -> DistributedSampler:
     )
 
 
+class LengthGroupedSampler(Sampler[int]):
+    """train_sampler's shuffle, with each global batch made of examples of similar length.
+
+    Each epoch draws a permutation (``seed + epoch``), cuts it into pools of ``pool`` global
+    batches, sorts every pool by length, cuts it into global batches and shuffles their order
+    (the short last batch stays last). Padded to its longest row, a batch is then about as long
+    as its examples: on ListOps of lengths 21-99 a row holds 44 tokens on average instead of
+    96, so an epoch computes about half as much, for batches that are less random (what Hugging
+    Face calls group_by_length). Sharded as train_sampler is, so the k-th local batches of all
+    ranks together hold the k-th global batch.
+    """
+
+    def __init__(self, lengths, global_batch: int, env: DistEnv, seed: int, pool: int = 50):
+        self.lengths = torch.as_tensor(lengths, dtype=torch.long)
+        if self.lengths.ndim != 1 or global_batch < 1 or pool < 1:
+            raise ValueError(
+                f"expected one length per example, global_batch >= 1 and pool >= 1; got lengths of "
+                f"shape {tuple(self.lengths.shape)}, {global_batch} and {pool}"
+            )
+        self.global_batch, self.pool, self.env, self.seed, self.epoch = global_batch, pool, env, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.env.world_size)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        batches = []
+        for pool in torch.randperm(len(self.lengths), generator=g).split(self.global_batch * self.pool):
+            longest_first = torch.sort(self.lengths[pool], descending=True, stable=True).indices
+            batches += pool[longest_first].split(self.global_batch)
+        full = [b for b in batches if len(b) == self.global_batch]
+        short = batches[len(full) :]  # only the last pool can leave one, and it is sorted last
+        batches = [full[i] for i in torch.randperm(len(full), generator=g)] + short
+        indices = torch.cat(batches).tolist() if batches else []
+        indices += indices[: -len(indices) % self.env.world_size]  # as DistributedSampler pads
+        return iter(indices[self.env.rank :: self.env.world_size])
+
+
 class ShardSampler(Sampler[int]):
     """Indices rank, rank + world, ... in order, without padding: every example is evaluated once."""
 

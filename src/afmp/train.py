@@ -120,6 +120,11 @@ def prepare(cfg: TrainConfig) -> Setup:
         seed=cfg.seed,
         **cfg.data_opts,
     )
+    if cfg.group_by_length and not hasattr(data.train, "lengths"):
+        raise UsageError(
+            f"--group-by-length needs a data set of sequences (agnews, imdb, listops); "
+            f"{cfg.dataset!r} has no lengths to group by"
+        )
     model = create_model(cfg.model, **model_args_for_data(cfg.model, data.model_args, cfg.model_opts))
     resume_from = None
     if cfg.resume:
@@ -356,7 +361,12 @@ class TrainingRun:
             atomic_write(self.out / "config.yaml", lambda tmp: tmp.write_text(text))
         self.val_loader = self.loader(data.val, ddp.ShardSampler(data.val, env))
         self.test_loader = self.loader(data.test, ddp.ShardSampler(data.test, env))
-        self.train_sampler = ddp.train_sampler(data.train, env, seed=cfg.seed * 100_003)
+        if cfg.group_by_length:
+            self.train_sampler = ddp.LengthGroupedSampler(
+                data.train.lengths(), cfg.batch_size, env, seed=cfg.seed * 100_003
+            )
+        else:
+            self.train_sampler = ddp.train_sampler(data.train, env, seed=cfg.seed * 100_003)
         steps_per_epoch = math.ceil(len(self.train_sampler) / ddp.local_batch_size(cfg.batch_size, env))
         self.optimizer = torch.optim.AdamW(
             param_groups(unwrap(model), cfg.weight_decay, cfg.weight_decay_on), lr=cfg.lr

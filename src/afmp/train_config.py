@@ -52,6 +52,8 @@ class TrainConfig:
     val_fraction: float = 0.1
     num_workers: int = 0
     threads: int = 0  # torch's CPU threads; 0 = torch's default (one per core, or OMP_NUM_THREADS)
+    # Sequence data: batches of similar lengths, so less padding (distributed.LengthGroupedSampler).
+    group_by_length: bool = False
     model_opts: dict = field(default_factory=dict)  # Config fields of the model, e.g. sparsity
     data_opts: dict = field(default_factory=dict)  # extra loader options
     resume: bool = False  # continue from the run directory's last checkpoint
@@ -117,6 +119,7 @@ CHECKS = {
     "val_fraction": _number(0, 1, open_low=True, open_high=True),
     "num_workers": _integer(0),
     "threads": _integer(0),
+    "group_by_length": _FLAG,
     "model_opts": _kind(dict, "a mapping of model options"),
     "data_opts": _kind(dict, "a mapping of data options"),
     "resume": _FLAG,
@@ -192,6 +195,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--val-fraction", type=float)
     p.add_argument("--num-workers", type=int)
+    p.add_argument(
+        "--group-by-length",
+        action="store_true",
+        default=None,
+        help="sequence data: batch examples of similar length (less padding, less random batches)",
+    )
     p.add_argument(
         "--threads", type=int, help="torch's CPU threads (default 0: torch's own); recorded with the load"
     )

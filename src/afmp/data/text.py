@@ -101,6 +101,11 @@ class TextDataset(Dataset):
         ids = self.items[i] if self.encode is None else self.encode(self.items[i])
         return torch.as_tensor(ids, dtype=torch.long)[: self.max_len], self.labels[i]
 
+    def lengths(self) -> list[int]:
+        """Every item's length in tokens after truncation (what --group-by-length sorts by)."""
+        ids = self.items if self.encode is None else map(self.encode, self.items)
+        return [min(len(i), self.max_len) for i in ids]
+
 
 def pad_collate(batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad with PAD_ID to the batch's longest sequence (at least one column)."""
