@@ -170,6 +170,16 @@ def test_pareto_study_end_to_end(data_dir, tmp_path):
             and f"| {statistics.fmean(accs):.2f} ± {statistics.stdev(accs):.2f} (2) |" in report
         )
     assert rows["resnet10t"]["model"] == "convnet_resnet10t"
+    # Each model against the first, seed by seed: the differences of the runs' own accuracies.
+    first = [_results(out / "afmp_tiny" / f"seed{k}")["test_accuracy"] for k in (0, 1)]
+    for label in ("deit_tiny", "resnet10t"):
+        diffs = [_results(out / label / f"seed{k}")["test_accuracy"] - first[k] for k in (0, 1)]
+        row = rows[label]
+        assert float(row["test_diff_mean"]) == pytest.approx(statistics.fmean(diffs))
+        assert int(row["test_ahead"]) == sum(d > 0 for d in diffs) and row["test_pairs"] == "2"
+        ahead = f"{sum(d > 0 for d in diffs)}/2"
+        assert f"| {statistics.fmean(diffs):+.2f} ± {statistics.stdev(diffs):.2f} | {ahead} |" in report
+    assert "## Test accuracy against afmp_tiny, seed by seed" in report
     assert "- Against FLOPs: frontier " in report
     # The verdict follows the frontiers listed: the claim needs AFMP on the FLOPs one only.
     flops_line = next(line for line in report.splitlines() if line.startswith("- Against FLOPs"))

@@ -290,7 +290,9 @@ def test_forward_head_with_the_padding_mask_is_forward(name):
 
 def test_group_by_length_trains_on_batches_of_similar_length(tmp_path, monkeypatch):
     from afmp import train as train_module
+    from afmp.bench import roofline
     from afmp.models.text import PAD_ID
+    from afmp.train import flops_per_train_image
 
     L.generate_files(tmp_path / "lo", num_train=64, num_val=4, num_test=4, min_length=10, max_length=60)
     seen, original = {}, train_module.train_one_epoch
@@ -300,6 +302,11 @@ def test_group_by_length_trains_on_batches_of_similar_length(tmp_path, monkeypat
         return original(model, seen["batches"], *args, **kwargs)
 
     monkeypatch.setattr(train_module, "train_one_epoch", recording)
+    # A made-up peak of 1e9 FLOP/s, so that the epochs report an MFU.
+    monkeypatch.setenv("AFMP_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    key = roofline._cache_key(torch.device("cpu"), torch.float32)
+    (tmp_path / "cache" / "roofline.json").write_text(json.dumps({key: {"peak_flops_per_s": 1e9}}))
     examples, padded = {}, {}
     for grouped in (False, True):
         r = _train(
@@ -311,6 +318,14 @@ def test_group_by_length_trains_on_batches_of_similar_length(tmp_path, monkeypat
             tuple(row[row != PAD_ID].tolist()) for tokens, _ in batches for row in tokens
         )
         padded[grouped] = sum(tokens.numel() for tokens, _ in batches)
+        # MFU counts the FLOPs of an example of the data's longest length, scaled by the length fed.
+        longest = r["config"]["resolved_model"]["config"]["max_len"]
+        net = load_checkpoint(tmp_path / str(grouped) / "run-diffusion_text-listops")
+        flops = flops_per_train_image(
+            net, lambda b, net=net, n=longest: (net.example_input(b, n), torch.zeros(b, dtype=torch.long))
+        )
+        history, fill = r["training_history"], padded[grouped] / (64 * longest)
+        assert history["mfu"][0] == pytest.approx(flops * fill * history["images_per_s"][0] / 1e9, rel=1e-6)
     # The same 64 examples, in batches padded to about their own lengths: fewer padded tokens.
     assert examples[True] == examples[False] and len(examples[True]) == 64
     assert padded[True] < 0.8 * padded[False]

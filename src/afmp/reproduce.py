@@ -213,28 +213,40 @@ def run_pareto_study(name: str, study: dict, runs, out: Path, args) -> list[str]
     calib = roofline.load_or_calibrate(device, torch.float32)
     first = [Path(by_label[label][0][2].out) for label in labels]
     rows = pareto.run_pareto([str(p) for p in first], cfg, calib, device)
+    # Test accuracy by seed; a seed fixes every model's batches, so models compare seed by seed.
+    by_seed = {
+        label: {c.seed: pareto.read_accuracy(Path(c.out)) for _, _, c in by_label[label]} for label in labels
+    }
     for row, label in zip(rows, labels):
-        accs = [pareto.read_accuracy(Path(c.out)) for _, _, c in by_label[label]]
+        accs = list(by_seed[label].values())
+        vs = ablate.paired(by_seed[labels[0]], by_seed[label])
         row.update(
             run=label,
+            label=label,
             accuracy=statistics.fmean(accs),
             accuracy_std=statistics.stdev(accs) if len(accs) > 1 else math.nan,
             seeds=len(accs),
+            **{f"test_{k}": v for k, v in vs.items()},
         )
-    write_table(out, "pareto", rows, [*pareto.CSV_COLUMNS, "accuracy_std", "seeds"])
+    paired_columns = [f"test_{k}" for k in ("diff_mean", "diff_std", "ahead", "pairs", "p_value")]
+    write_table(out, "pareto", rows, [*pareto.CSV_COLUMNS, "accuracy_std", "seeds", *paired_columns])
     plots.plot_pareto(
         rows, out / "pareto.png", pareto.panels(rows), title=f"{name}: test accuracy against cost"
     )
     lines = [
         f"## Accuracy and cost (latency: inference on {calib['device']}, median of {cfg.repeats})",
         "",
-        "| model | params | test % (mean ± std, seeds) | matmul GFLOP / input | ms, batch 1 | ms, batch 64 |",
-        "|---|---|---|---|---|---|",
+        f"| model | params | test % (mean ± std, seeds) | test − {labels[0]} (paired) | ahead | p "
+        "| matmul GFLOP / input | ms, batch 1 | ms, batch 64 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        vs = "— | — | —"
+        if r is not rows[0]:
+            vs = f"{r['test_diff_mean']:+.2f} ± {r['test_diff_std']:.2f} | {r['test_ahead']}/{r['test_pairs']} | {r['test_p_value']:.3f}"
         lines.append(
             f"| {r['run']} | {r['params'] / 1e6:.3f}M | {r['accuracy']:.2f} ± {r['accuracy_std']:.2f} ({r['seeds']}) "
-            f"| {r['matmul_gflops']:.4f} | {r['ms_b1']:.2f} | {r['ms_b64']:.2f} |"
+            f"| {vs} | {r['matmul_gflops']:.4f} | {r['ms_b1']:.2f} | {r['ms_b64']:.2f} |"
         )
     lines += ["", "## Frontiers", ""]
     on = {}
@@ -258,6 +270,10 @@ def run_pareto_study(name: str, study: dict, runs, out: Path, args) -> list[str]
         "",
         f"Verdict: {verdict} The frontiers go through mean accuracies; differences smaller than "
         "the stds above are within seed noise.",
+        "",
+        f"## Test accuracy against {labels[0]}, seed by seed",
+        "",
+        *_verdict_paired(rows),
         "",
         "Figure: `pareto.png`.",
     ]

@@ -31,6 +31,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -230,9 +231,16 @@ def flops_per_train_image(model, make_batch) -> float:
         model.train(was_training)
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, device, desc, ema=None):
+class EpochStats(NamedTuple):
+    loss: float
+    accuracy: float
+    sparsity: float
+    input_size: float  # elements of an example's input as fed, padding included, on average
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, device, desc, ema=None) -> EpochStats:
     model.train()
-    totals = {"loss": 0.0, "correct": 0, "seen": 0, "sparsity": 0.0}
+    totals = {"loss": 0.0, "correct": 0, "seen": 0, "sparsity": 0.0, "elements": 0}
     for inputs, labels in tqdm(loader, desc=desc, leave=False, disable=None):
         inputs, labels = to_device(inputs, device), labels.to(device)
         inputs, mixed_labels, lam = mixup(inputs, labels, cfg.mixup_alpha)
@@ -261,9 +269,15 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, device, de
         totals["sparsity"] += float(reg.detach()) * n
         totals["correct"] += (logits.argmax(-1) == labels).sum().item()
         totals["seen"] += n
+        totals["elements"] += inputs.numel()
     totals = dict(zip(totals, ddp.all_reduce_sum(list(totals.values()), device)))  # over ranks
     seen = max(totals["seen"], 1)
-    return totals["loss"] / seen, 100.0 * totals["correct"] / seen, totals["sparsity"] / seen
+    return EpochStats(
+        totals["loss"] / seen,
+        100.0 * totals["correct"] / seen,
+        totals["sparsity"] / seen,
+        totals["elements"] / seen,
+    )
 
 
 @torch.no_grad()
@@ -339,9 +353,11 @@ class TrainingRun:
         # Throughput and MFU: the counted FLOPs of a training image against the device's peak
         # matmul rate as `afmp bench` measured it (MFU is left empty until it has). Counted before
         # DistributedDataParallel wraps the model: its gradient hooks must see training steps only.
-        self.flops_per_image = flops_per_train_image(
-            model, batch_sizing.example_batches(model, data.model_args, device)
-        )
+        example = batch_sizing.example_batches(model, data.model_args, device)
+        self.flops_per_image = flops_per_train_image(model, example)
+        # Sequences are fed padded to their batch's longest, not to the data's longest (the
+        # example's length): MFU scales the count by the length fed, taking FLOPs as linear in it.
+        self.example_size = example(1)[0].numel()
         self.peak_flops = cached_peak_flops(device, cfg.amp)
         model = ddp.wrap(model, env, device)
         if cfg.compile:  # the training steps only; validation and test run the plain module
@@ -423,7 +439,7 @@ class TrainingRun:
         seed_everything(cfg.seed * 100_003 + epoch + 1_000_003 * env.rank)
         self.train_sampler.set_epoch(epoch)
         started = time.perf_counter()
-        loss, acc, sparsity = train_one_epoch(
+        stats = train_one_epoch(
             self.model,
             self.loader(self.data.train, self.train_sampler),
             self.optimizer,
@@ -435,17 +451,19 @@ class TrainingRun:
             self.ema,
         )
         images_per_s = len(self.train_sampler) * env.world_size / (time.perf_counter() - started)
-        mfu = self.flops_per_image * images_per_s / self.peak_flops if self.peak_flops else None
+        flops_per_image = self.flops_per_image * stats.input_size / self.example_size
+        mfu = flops_per_image * images_per_s / self.peak_flops if self.peak_flops else None
         val_acc = accuracy(self.final, self.val_loader, self.device, cfg.amp)
         if cfg.scheduler == "plateau":
             self.scheduler.step(val_acc)
         p = self.progress
-        values = (loss, acc, val_acc, sparsity, time.perf_counter() - started, images_per_s, mfu)
+        elapsed = time.perf_counter() - started
+        values = (stats.loss, stats.accuracy, val_acc, stats.sparsity, elapsed, images_per_s, mfu)
         for key, value in zip(HISTORY, values, strict=True):
             p.history[key].append(value)
         self.log(
-            f"epoch {epoch + 1}/{cfg.epochs}  loss {loss:.4f}  train {acc:.2f}%  val {val_acc:.2f}%  "
-            f"sparsity-loss {sparsity:.2e}  {p.history['time'][-1]:.1f}s  {images_per_s:.0f} img/s"
+            f"epoch {epoch + 1}/{cfg.epochs}  loss {stats.loss:.4f}  train {stats.accuracy:.2f}%  "
+            f"val {val_acc:.2f}%  sparsity-loss {stats.sparsity:.2e}  {elapsed:.1f}s  {images_per_s:.0f} img/s"
             + (f"  MFU {100 * mfu:.2f}%" if mfu is not None else "")
         )
         p.epoch = epoch
