@@ -6,8 +6,7 @@
 #      TRAIN examples, default LRA's 96,000);
 #   2. print the majority-class and root-operator baselines (what a model must beat);
 #   3. train transformer_text_matched, then diffusion_text, EPOCHS epochs each, batch 32,
-#      bf16 autocast, batches grouped by length (half the padding), each under its own
-#      time limit.
+#      bf16 autocast, each under its own time limit.
 # Results land in $OUT/listops.tgz and the epoch lines are printed.
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -24,7 +23,7 @@ timeout 240 $afmp listops generate --out "$data" --train "$TRAIN" --val 2000 --t
 cat "$res/generate.log"
 $afmp listops baselines --data-dir "$data" | tee "$res/baselines.txt"
 
-recipe="--dataset listops --data-dir $data --epochs $EPOCHS --batch-size 32 --lr 1e-3 --warmup-epochs 0.5 --weight-decay 0.05 --group-by-length --device cuda"
+recipe="--dataset listops --data-dir $data --epochs $EPOCHS --batch-size 32 --lr 1e-3 --warmup-epochs 0.5 --weight-decay 0.05 --device cuda"
 timeout 200 $afmp train --model transformer_text_matched $recipe --out "$res/transformer" > "$res/transformer.log" 2>&1
 timeout 120 $afmp train --model diffusion_text $recipe --out "$res/diffusion" > "$res/diffusion.log" 2>&1
 
