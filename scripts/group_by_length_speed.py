@@ -34,7 +34,7 @@ def main() -> None:
     env = ddp.DistEnv(0, 1)
     samplers = {
         "plain": ddp.train_sampler(data.train, env, seed=0),
-        "grouped": ddp.LengthGroupedSampler(data.train.lengths(), 64, env, seed=0),
+        "grouped": ddp.train_sampler(data.train, env, seed=0, group_batch=64),
     }
     batches = {}
     for name, sampler in samplers.items():

@@ -75,14 +75,17 @@ def local_batch_size(global_batch: int, env: DistEnv) -> int:
     return global_batch // env.world_size
 
 
-def train_sampler(dataset, env: DistEnv, seed: int) -> DistributedSampler:
-    """Shuffled shards whose union, batch by batch, is the one-process batch.
+def train_sampler(dataset, env: DistEnv, seed: int, group_batch: int | None = None) -> Sampler[int]:
+    """Shuffled shards whose union, batch by batch, is the one-process batch; with
+    ``group_batch`` (the global batch), a LengthGroupedSampler over ``dataset.lengths()``.
 
     Every rank draws the same permutation (``seed + epoch``, after ``set_epoch``) and
     takes every world_size-th index, so the k-th local batches of all ranks together
     hold exactly the k-th global batch a single process would draw (when the training
     set divides into global batches; otherwise the sampler pads the last one by repeats).
     """
+    if group_batch is not None:
+        return LengthGroupedSampler(dataset.lengths(), group_batch, env, seed)
     return DistributedSampler(
         dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed, drop_last=False
     )
@@ -121,9 +124,9 @@ class LengthGroupedSampler(Sampler[int]):
         for pool in torch.randperm(len(self.lengths), generator=g).split(self.global_batch * self.pool):
             longest_first = torch.sort(self.lengths[pool], descending=True, stable=True).indices
             batches += pool[longest_first].split(self.global_batch)
-        full = [b for b in batches if len(b) == self.global_batch]
-        short = batches[len(full) :]  # only the last pool can leave one, and it is sorted last
-        batches = [full[i] for i in torch.randperm(len(full), generator=g)] + short
+        # Only the last pool can leave a short batch, its last: it stays at the end.
+        short = [batches.pop()] if batches and len(batches[-1]) < self.global_batch else []
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g)] + short
         indices = torch.cat(batches).tolist() if batches else []
         indices += indices[: -len(indices) % self.env.world_size]  # as DistributedSampler pads
         return iter(indices[self.env.rank :: self.env.world_size])

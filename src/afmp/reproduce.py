@@ -222,7 +222,7 @@ def run_pareto_study(name: str, study: dict, runs, out: Path, args) -> list[str]
         vs = ablate.paired(by_seed[labels[0]], by_seed[label])
         row.update(
             run=label,
-            label=label,
+            label=label,  # what _verdict_paired names a row by
             accuracy=statistics.fmean(accs),
             accuracy_std=statistics.stdev(accs) if len(accs) > 1 else math.nan,
             seeds=len(accs),

@@ -377,12 +377,12 @@ class TrainingRun:
             atomic_write(self.out / "config.yaml", lambda tmp: tmp.write_text(text))
         self.val_loader = self.loader(data.val, ddp.ShardSampler(data.val, env))
         self.test_loader = self.loader(data.test, ddp.ShardSampler(data.test, env))
-        if cfg.group_by_length:
-            self.train_sampler = ddp.LengthGroupedSampler(
-                data.train.lengths(), cfg.batch_size, env, seed=cfg.seed * 100_003
-            )
-        else:
-            self.train_sampler = ddp.train_sampler(data.train, env, seed=cfg.seed * 100_003)
+        self.train_sampler = ddp.train_sampler(
+            data.train,
+            env,
+            seed=cfg.seed * 100_003,
+            group_batch=cfg.batch_size if cfg.group_by_length else None,
+        )
         steps_per_epoch = math.ceil(len(self.train_sampler) / ddp.local_batch_size(cfg.batch_size, env))
         self.optimizer = torch.optim.AdamW(
             param_groups(unwrap(model), cfg.weight_decay, cfg.weight_decay_on), lr=cfg.lr
