@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import afmp.models  # noqa: F401  (registers the models)
-from afmp import distributed as ddp
 from afmp.data import build_dataset
 from afmp.registry import create_model
+from afmp.training import distributed as ddp
 
 
 def main() -> None:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from afmp.checkpoint import load_checkpoint
 from afmp.data import listops
 from afmp.data.text import pad_collate
+from afmp.training.checkpoint import load_checkpoint
 
 
 def depth(source: str) -> int:

@@ -15,16 +15,19 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("afmp.commands.models", "list the registered models"),
-    "train": ("afmp.train", "train a registered model on a data set"),
-    "eval": ("afmp.evaluate", "evaluate a checkpoint: confusion matrix and per-class accuracy"),
+    "train": ("afmp.commands.train", "train a registered model on a data set"),
+    "eval": ("afmp.commands.evaluate", "evaluate a checkpoint: confusion matrix and per-class accuracy"),
     "compare": ("afmp.commands.compare", "one table of runs: params, FLOPs, latency, accuracy"),
     "bench": (
         "afmp.bench.cli",
         "measure time, memory, FLOPs and bytes as models scale; Pareto of trained runs",
     ),
-    "ablate": ("afmp.ablate", "run an ablation study (sparsity, lambda, topdown) over seeds"),
-    "reproduce": ("afmp.reproduce", "run one of the paper's studies from a shipped config, with a report"),
-    "viz": ("afmp.viz", "draw a trained model's gates: graph over images, sparsity, histogram"),
+    "ablate": ("afmp.studies.ablate", "run an ablation study (sparsity, lambda, topdown) over seeds"),
+    "reproduce": (
+        "afmp.studies.reproduce",
+        "run one of the paper's studies from a shipped config, with a report",
+    ),
+    "viz": ("afmp.commands.viz", "draw a trained model's gates: graph over images, sparsity, histogram"),
     "listops": (
         "afmp.commands.listops",
         "LRA ListOps: write its files (generate), or what a model must beat (baselines)",
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         build_parser([]).print_help()
         return 2
-    from afmp.errors import UsageError
+    from afmp.utils.errors import UsageError
 
     try:
         return importlib.import_module(COMMANDS[args.command][0]).main(args) or 0

@@ -8,8 +8,8 @@ import statistics
 import pytest
 
 import afmp_cli as cli
-from afmp import ablate
-from afmp.train import TrainConfig
+from afmp.studies import ablate
+from afmp.training.config import TrainConfig
 
 TINY = ["-o", "d_model=16", "-o", "num_layers=2", "-o", "k_dim=8", "-o", "score_hidden=8"]
 

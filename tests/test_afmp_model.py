@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 import afmp
 from afmp import scaffold
-from afmp.losses import auxiliary_loss
 from afmp.ops import select_edge_backend
 from afmp.ops.edge import topk_keep
+from afmp.training.losses import auxiliary_loss
 
 
 def per_edge_layer(layer, h, t, sc, sparsity):
@@ -122,7 +122,7 @@ def test_sparsity_loss_is_lambda_times_mean_gate():
     valid = model.edge_mask
     mean_gate = torch.stack([g[:, valid].mean() for g in aux["gates"]]).mean()
     assert aux["sparsity_loss"].item() == pytest.approx(0.5 * mean_gate.item(), rel=1e-5)
-    # The loss contract (afmp.losses): the same term, the only one, is what training adds.
+    # The loss contract (afmp.training.losses): the same term, the only one, is what training adds.
     assert list(aux["losses"]) == ["sparsity"] and aux["losses"]["sparsity"] is aux["sparsity_loss"]
     assert auxiliary_loss(aux, logits).item() == aux["sparsity_loss"].item()
 

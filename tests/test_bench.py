@@ -15,9 +15,10 @@ from torch.utils.flop_counter import FlopCounterMode
 import afmp
 import afmp_cli
 from afmp import registry
-from afmp.bench import baselines, cli, counting, plots, roofline, scaling
-from afmp.checkpoint import save_checkpoint
-from afmp.files import write_json
+from afmp.bench import baselines, cli, plots, scaling
+from afmp.measure import counting, roofline
+from afmp.training.checkpoint import save_checkpoint
+from afmp.utils.files import write_json
 
 REQUIRED = (
     "model resolution tokens batch_size mode dtype device params matmul_gflops total_gflops gbytes "

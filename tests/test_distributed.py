@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from afmp import distributed as ddp
-from afmp.train import TrainConfig, train
+from afmp.training import distributed as ddp
+from afmp.training.train import TrainConfig, train
 
 # 160 synthetic images: 112 train, 16 val, 32 test; 7 global batches of 16 per epoch.
 COMMON = dict(
@@ -57,7 +57,7 @@ def test_two_processes_match_one(tmp_path):
 
     out = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += ["-m", "afmp.train", "--dataset", "synthetic", "--epochs", "2", "--batch-size", "16"]
+    cmd += ["-m", "afmp.commands.train", "--dataset", "synthetic", "--epochs", "2", "--batch-size", "16"]
     cmd += ["--data-opt", "num_samples=160", "--data-opt", "img_size=8", "--device", "cpu", "--out", str(out)]
     cmd += ["-o", "d_model=32", "-o", "use_top_down=false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

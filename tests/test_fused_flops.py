@@ -1,4 +1,4 @@
-"""Fused Triton ops are credited with their references' flops (afmp.bench.counting's last
+"""Fused Triton ops are credited with their references' flops (afmp.measure.counting's last
 section): a step through the kernels counts exactly the flops of the same step through
 the plain-PyTorch reference, and fewer bytes. The kernels run under TRITON_INTERPRET=1
 on the CPU (conftest), so shapes are tiny."""
@@ -8,7 +8,8 @@ from functools import partial
 import pytest
 import torch
 
-from afmp.bench import counting, scaling
+from afmp.bench import scaling
+from afmp.measure import counting
 from afmp.ops.linear_attention import linear_attention
 
 pytest.importorskip("afmp.ops.triton_edge")

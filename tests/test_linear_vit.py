@@ -1,5 +1,5 @@
 """The Linear-ViT family: token mixers against explicit forms, ripple pooling on literal grids,
-the shared skeleton, training through afmp.train, and `afmp eval` / `afmp compare`."""
+the shared skeleton, training through afmp.training, and `afmp eval` / `afmp compare`."""
 
 import csv
 import json
@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 import afmp
 import afmp_cli as cli
 from afmp.commands.compare import compare_runs
+from afmp.commands.evaluate import evaluate_checkpoint
 from afmp.data import build_dataset
-from afmp.evaluate import evaluate_checkpoint
 from afmp.models.linear_attention import (
     BolyaHydraAttention,
     HydraAttention,
@@ -29,7 +29,7 @@ from afmp.models.linear_attention import (
 )
 from afmp.ops.linear_attention import linear_attention_quadratic
 from afmp.registry import resolve_config
-from afmp.train import TrainConfig, train
+from afmp.training.train import TrainConfig, train
 
 FAMILIES = ["vit_baseline", "ripple_vit", "hydra_vit", "hydra_bolya_vit"]
 # What each family's name promises: Config.attention and the token mixer's class.

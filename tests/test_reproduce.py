@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import afmp_cli as cli
-from afmp import ablate, reproduce
-from afmp.rundir import run_labels
+from afmp.studies import ablate, reproduce
+from afmp.training.rundir import run_labels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -282,7 +282,7 @@ def test_every_shipped_study_plans_valid_runs(name, tmp_path):
     # set names) before anything runs; the end-to-end tests above run the CIFAR ones for real.
     from argparse import Namespace
 
-    from afmp import train_config as trainer
+    from afmp.training import config as trainer
 
     study = reproduce.load_study(name)
     assert study["claim"] and study["kind"] in reproduce.KINDS

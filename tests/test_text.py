@@ -10,14 +10,14 @@ from torch.utils.data import DataLoader
 
 import afmp.models  # noqa: F401  (registers the presets)
 from afmp import load_checkpoint
-from afmp.batch_size import find_batch_size, search_batch_size
 from afmp.data import DataUnavailable, build_dataset
 from afmp.data import listops as L
 from afmp.data.text import ByteTokenizer, WordTokenizer, pad_collate, read_agnews_csv, read_imdb_split
-from afmp.errors import UsageError
 from afmp.models.text import shift
 from afmp.registry import create_model
-from afmp.train import TrainConfig, train
+from afmp.training.batch_size import find_batch_size, search_batch_size
+from afmp.training.train import TrainConfig, train
+from afmp.utils.errors import UsageError
 
 TEXT_MODELS = ["diffusion_text", "transformer_text_matched"]
 SMALL = {"embed_dim": 16, "num_iters": 2}
@@ -221,7 +221,7 @@ def test_batch_size_on_cpu_is_the_requested_one():
     assert "not probed" in lines[0]
 
 
-# -- training through afmp.train ---------------------------------------------------------------------------
+# -- training through afmp.training ---------------------------------------------------------------------------
 def _train(tmp_path, model, dataset, data_dir, **kw):
     model_opts = (
         dict(SMALL) if model.startswith("diffusion") else {"embed_dim": 16, "num_layers": 1, "num_heads": 2}
@@ -289,10 +289,10 @@ def test_forward_head_with_the_padding_mask_is_forward(name):
 
 
 def test_group_by_length_trains_on_batches_of_similar_length(tmp_path, monkeypatch):
-    from afmp import train as train_module
-    from afmp.bench import roofline
+    from afmp.measure import roofline
     from afmp.models.text import PAD_ID
-    from afmp.train import flops_per_train_image
+    from afmp.training import run as train_module
+    from afmp.training.epoch import flops_per_train_image
 
     L.generate_files(tmp_path / "lo", num_train=64, num_val=4, num_test=4, min_length=10, max_length=60)
     seen, original = {}, train_module.train_one_epoch

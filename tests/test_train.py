@@ -14,10 +14,12 @@ from torch.utils.data import DataLoader
 import afmp
 import afmp_cli as cli
 from afmp.data import build_dataset
-from afmp.ema import WeightEMA
 from afmp.registry import model_args_for_data
-from afmp.rundir import sha256_file
-from afmp.train import TrainConfig, config_from_args, make_scheduler, train
+from afmp.training.config import config_from_args
+from afmp.training.ema import WeightEMA
+from afmp.training.epoch import make_scheduler
+from afmp.training.rundir import sha256_file
+from afmp.training.train import TrainConfig, train
 
 
 def accuracy(model, split, batch_size) -> float:
@@ -168,7 +170,7 @@ def test_afmp_help_imports_neither_torch_nor_timm():
 
 
 def test_key_value_options_read_yaml_values_and_name_the_flag():
-    from afmp.options import parse_key_values
+    from afmp.utils.options import parse_key_values
 
     got = parse_key_values(["sparsity=0.5", "use_top_down=false", "name= a=b", "sizes=[1, 2]", "s=x"])
     assert got == {"sparsity": 0.5, "use_top_down": False, "name": "a=b", "sizes": [1, 2], "s": "x"}
@@ -324,7 +326,7 @@ def test_plateau_schedule_cuts_the_rate_by_five_after_six_epochs_without_a_bette
 
 
 def test_weight_decay_on_weights_spares_norms_biases_and_embeddings():
-    from afmp.train import param_groups
+    from afmp.training.epoch import param_groups
 
     for name, decayed, spared in [
         ("vit_baseline_tiny", ["patch_embed.proj.weight", "blocks.0.attn.qkv.weight"],
@@ -344,8 +346,8 @@ def test_weight_decay_on_weights_spares_norms_biases_and_embeddings():
 
 
 def test_flops_per_training_image_is_linear_and_leaves_no_trace():
-    from afmp.bench.counting import count
-    from afmp.train import flops_per_train_image
+    from afmp.measure.counting import count
+    from afmp.training.epoch import flops_per_train_image
 
     torch.manual_seed(0)
     model = afmp.create_model("convnet_resnet10t", img_size=16, num_classes=3).train()
@@ -371,8 +373,8 @@ def test_flops_per_training_image_is_linear_and_leaves_no_trace():
 
 
 def test_epoch_reports_throughput_and_mfu_against_the_measured_peak(tmp_path, monkeypatch):
-    from afmp.bench import roofline
-    from afmp.train import flops_per_train_image
+    from afmp.measure import roofline
+    from afmp.training.epoch import flops_per_train_image
 
     monkeypatch.setenv("AFMP_CACHE", str(tmp_path / "cache"))
     cfg = TrainConfig(model="afmp_tiny", epochs=1, out=str(tmp_path / "a"), **TINY)

@@ -8,8 +8,10 @@ import torch
 from PIL import Image
 
 import afmp_cli as cli
-from afmp import create_model, viz
-from afmp.train import TrainConfig, train
+from afmp import create_model
+from afmp.commands import viz
+from afmp.commands.train import epoch_hook
+from afmp.training.train import TrainConfig, train
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SMALL = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, d_model=16, k_dim=8, score_hidden=8)
@@ -79,7 +81,8 @@ def test_afmp_viz_on_a_text_run_is_one_line(tmp_path, capsys):
 def test_training_hook_and_afmp_viz(tmp_path, capsys):
     out = tmp_path / "run"
     opts = {k: SMALL[k] for k in ("d_model", "k_dim", "score_hidden")}
-    train(TrainConfig(dataset="digits", epochs=3, viz_every=2, out=str(out), model_opts=opts))
+    cfg = TrainConfig(dataset="digits", epochs=3, viz_every=2, out=str(out), model_opts=opts)
+    train(cfg, on_epoch=epoch_hook(cfg))  # what `afmp train --viz-every 2` passes
     # Every 2 epochs, and after the last one.
     written = sorted(p.name for p in (out / "viz").glob("*.png"))
     assert written == [

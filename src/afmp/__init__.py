@@ -6,8 +6,8 @@ logits, aux = model(images, return_aux=True)
 """
 
 from afmp import models  # noqa: F401  (registers the presets)
-from afmp.checkpoint import load_checkpoint, save_checkpoint
 from afmp.registry import create_model, list_models, register_model
+from afmp.training.checkpoint import load_checkpoint, save_checkpoint
 
 __version__ = "0.1.0"
 __all__ = ["create_model", "list_models", "register_model", "load_checkpoint", "save_checkpoint"]

@@ -26,7 +26,7 @@ class ClassifierMixin:
 
     def forward(self, x: torch.Tensor, return_aux: bool = False):
         """Logits; with ``return_aux``, also the ``aux`` dict of ``forward_features`` (extra
-        losses under ``aux["losses"]``, and what afmp.viz reads)."""
+        losses under ``aux["losses"]``, and what afmp.commands.viz reads)."""
         if return_aux:
             features, aux = self.forward_features(x, return_aux=True)
             return self.forward_head(features), aux

@@ -23,10 +23,10 @@ import typing
 
 from torch import nn
 
-from afmp.datastats import STATS
+from afmp.data.stats import STATS
 
 _MODELS: dict[str, tuple[type[nn.Module], dict]] = {}
-_DATA: dict[str, str | None] = {}  # preset -> the data set it is made for (afmp.datastats)
+_DATA: dict[str, str | None] = {}  # preset -> the data set it is made for (afmp.data.stats)
 
 # Keyword arguments timm.create_model adds on its own; they mean nothing to our models.
 _TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
@@ -34,7 +34,7 @@ _TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 def register_model(name: str, model_cls: type[nn.Module], *, data: str | None = None, **preset) -> None:
     """Register preset ``name`` of ``model_cls`` (its ``Config`` fields in ``preset``; ``data``:
-    the image data set it is made for, a key of afmp.datastats.STATS, or None)."""
+    the image data set it is made for, a key of afmp.data.stats.STATS, or None)."""
     if name in _MODELS:
         raise ValueError(f"model {name!r} is already registered")
     if data is not None and data not in STATS:

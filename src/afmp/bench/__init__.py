@@ -1,9 +1,9 @@
 """`afmp bench`: what models cost as they scale, counted honestly and timed.
 
-- ``counting``: FLOPs (matmul and total) and bytes of one step, op by op as dispatched;
-- ``timing``: CUDA events / perf_counter, peak memory, out-of-memory detection;
-- ``roofline``: the device's measured matmul rate and copy bandwidth (cached);
+- ``scaling`` and ``pareto``: the studies; ``edge``: AFMP's edge stage alone;
 - ``baselines``: timm's DeiT (fused and unfused attention), a FlexAttention
   neighbourhood ViT (bench-only, not in the model registry);
-- ``scaling`` and ``pareto``: the studies; ``plots``: their PNGs; ``cli``: the command.
+- ``compiled_bytes``: bytes a compiled step moves; ``plots``: the PNGs; ``cli``: the command.
+
+The counting, timing and the device's peak are in afmp.measure, which training uses too.
 """

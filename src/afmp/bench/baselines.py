@@ -21,7 +21,7 @@ import timm
 import torch
 from torch import nn
 
-from afmp.bench import counting
+from afmp.measure import counting
 
 DEIT = {
     "tiny": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),

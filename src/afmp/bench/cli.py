@@ -22,11 +22,12 @@ from pathlib import Path
 
 import torch
 
-from afmp.bench import pareto, plots, roofline, scaling
-from afmp.errors import usage_errors
-from afmp.files import write_json, write_table
-from afmp.options import parse_key_values
-from afmp.runtime import busy_warning, machine_state, use_threads
+from afmp.bench import pareto, plots, scaling
+from afmp.measure import roofline
+from afmp.utils.errors import usage_errors
+from afmp.utils.files import write_json, write_table
+from afmp.utils.options import parse_key_values
+from afmp.utils.runtime import busy_warning, machine_state, use_threads
 
 DEFAULTS = {
     "cpu": dict(
@@ -142,7 +143,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> scaling.BenchConfig:
-    from afmp.runtime import resolve_device
+    from afmp.utils.runtime import resolve_device
 
     device = resolve_device(args.device)
     defaults = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]

@@ -3,7 +3,7 @@
 One layer's stage, forward and backward: edge scores, gated aggregation (and, timed
 apart, the per-image top-k between them), on random per-token tensors of the model's
 shapes. Its bandwidth is the bytes the stage *must* move divided by its time; the
-device's measured device-to-device copy bandwidth is the ceiling (``afmp.bench.roofline``).
+device's measured device-to-device copy bandwidth is the ceiling (``afmp.measure.roofline``).
 
 Bytes it must move, per token, in ``dtype`` (P = 2R + 2F + 3D: q, k, a, b, h, p, m):
     forward   reads P, writes out (D) + s and gate_mean (2K)
@@ -21,11 +21,11 @@ import torch
 
 from afmp import scaffold
 from afmp.bench import scaling
-from afmp.errors import usage_errors
-from afmp.files import write_json, write_table
 from afmp.ops import EDGE_BACKENDS, select_edge_backend
 from afmp.ops.edge import topk_keep
 from afmp.registry import resolve_config
+from afmp.utils.errors import usage_errors
+from afmp.utils.files import write_json, write_table
 
 
 def edge_stage_bytes(
@@ -80,8 +80,8 @@ def edge_stage_bandwidth(
     (afmp.scaffold.LAYOUTS; ``radius`` for ``window``). A backend that runs out of memory gets ``"error": "out of
     memory"`` instead of figures.
     """
-    from afmp.bench.roofline import load_or_calibrate
-    from afmp.bench.timing import is_oom, time_step_ms
+    from afmp.measure.roofline import load_or_calibrate
+    from afmp.measure.timing import is_oom, time_step_ms
 
     device = torch.device(device)
     height, width = (grid, grid) if isinstance(grid, int) else grid

@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 
 from afmp.bench import scaling
-from afmp.checkpoint import load_checkpoint
-from afmp.rundir import run_labels
+from afmp.training.checkpoint import load_checkpoint
+from afmp.training.rundir import run_labels
 
 BATCHES = (1, 64)
 CSV_COLUMNS = [

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from afmp.files import save_png  # noqa: E402
+from afmp.utils.files import save_png  # noqa: E402
 
 
 def _finite(rows, *keys):

@@ -1,6 +1,6 @@
 """The scaling study: every model at every size, costs counted, steps timed, interleaved.
 
-For each size, every model is built, its step's costs counted (afmp.bench.counting),
+For each size, every model is built, its step's costs counted (afmp.measure.counting),
 warmed up (and compiled) and its peak memory measured alone; then the models' steps
 are timed in turn, ``repeats`` rounds, so that clock or thermal drift hits them all
 alike. A model that runs out of memory gives a row with ``oom`` true; one that
@@ -15,7 +15,7 @@ baseline's options. Registered models are scaled through ``img_size`` (images) o
 sequences.
 
 A train step is forward, cross-entropy against class 0 (plus the model's
-``aux["losses"]``, afmp.losses), backward, with the gradients cleared first (no optimizer step);
+``aux["losses"]``, afmp.training.losses), backward, with the gradients cleared first (no optimizer step);
 an infer step is a forward under ``torch.no_grad`` (under inference_mode, ops bypass the
 counting dispatch mode).
 """
@@ -35,12 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from afmp.bench import counting, roofline, timing
 from afmp.bench.baselines import BASELINES
 from afmp.bench.compiled_bytes import compiled_bytes
-from afmp.losses import auxiliary_loss
-from afmp.options import parse_key_values
+from afmp.measure import counting, roofline, timing
 from afmp.registry import config_fields, create_model, list_models, model_entry
+from afmp.training.losses import auxiliary_loss
+from afmp.utils.options import parse_key_values
 
 COLUMNS = [
     "model", "resolution", "tokens", "batch_size", "mode", "dtype", "precision", "device", "compile",

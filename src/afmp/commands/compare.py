@@ -2,8 +2,8 @@
 
     afmp compare --runs runs/a runs/b --out runs/cmp
 
-FLOPs and latency come from the same machinery as `afmp bench` (afmp.bench.counting's
-counter, afmp.bench.timing's timer: CUDA events on a GPU), for one image, in inference,
+FLOPs and latency come from the same machinery as `afmp bench` (afmp.measure.counting's
+counter, afmp.measure.timing's timer: CUDA events on a GPU), for one image, in inference,
 so that a run gets the same figures here as in `afmp bench pareto`. Rows are labelled by
 model, data set and seed. Writes compare.csv and compare.md.
 """
@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from afmp.bench import counting, timing
-from afmp.checkpoint import load_checkpoint
-from afmp.errors import usage_errors
-from afmp.files import atomic_write, write_csv
-from afmp.rundir import run_labels
-from afmp.runtime import autocast, resolve_device
+from afmp.measure import counting, timing
+from afmp.training.checkpoint import load_checkpoint
+from afmp.training.rundir import run_labels
+from afmp.utils.errors import usage_errors
+from afmp.utils.files import atomic_write, write_csv
+from afmp.utils.runtime import autocast, resolve_device
 
 
 def load_runs(runs: list[str | Path], device: torch.device) -> list[tuple]:

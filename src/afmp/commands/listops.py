@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from afmp.data import listops
-from afmp.errors import UsageError, usage_errors
+from afmp.utils.errors import UsageError, usage_errors
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

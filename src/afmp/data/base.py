@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from torch.utils.data import Dataset
 
-from afmp.errors import UsageError
+from afmp.utils.errors import UsageError
 
 DATASETS: dict[str, Callable[..., DataBundle]] = {}
 

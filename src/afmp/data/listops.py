@@ -36,8 +36,8 @@ import torch
 
 from afmp.data.base import DataBundle, DataUnavailable, register_dataset
 from afmp.data.text import TextDataset, pad_collate
-from afmp.errors import UsageError
-from afmp.files import atomic_write, write_json
+from afmp.utils.errors import UsageError
+from afmp.utils.files import atomic_write, write_json
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 # LRA's generator also defines FIRST and LAST, unused by its "basic" task; the reader
@@ -328,7 +328,7 @@ def baselines(train: tuple[list[str], list[int]], evaluated: tuple[list[str], li
 CPU_DEFAULTS = {"num_train": 2000, "num_val": 500, "num_test": 1000, "min_length": 50, "max_length": 200}
 
 
-from afmp.environment import cache_dir  # noqa: E402  (where generated sets are kept)
+from afmp.utils.environment import cache_dir  # noqa: E402  (where generated sets are kept)
 
 
 @register_dataset("listops")

@@ -24,7 +24,7 @@ from torchvision.datasets.utils import download_and_extract_archive
 
 from afmp.data.base import DataBundle, DataUnavailable, register_dataset
 from afmp.data.images import split_indices
-from afmp.datastats import STATS  # per-channel mean and std of each set's training images
+from afmp.data.stats import STATS  # per-channel mean and std of each set's training images
 
 
 def image_transforms(name: str, size: int, train: bool):

@@ -213,7 +213,9 @@ class AFMP(ClassifierMixin, nn.Module):
         mean_gate = torch.stack([g.sum() for g in gate_means]).mean() / (x.shape[0] * max(num_edges, 1))
         sparsity_loss = self.cfg.lambda_sparse * mean_gate
         aux = {
-            "losses": {"sparsity": sparsity_loss},  # afmp.losses: what training adds to the task loss
+            "losses": {
+                "sparsity": sparsity_loss
+            },  # afmp.training.losses: what training adds to the task loss
             "sparsity_loss": sparsity_loss,  # the same term under the notebook's name
             "gates": gate_means,
             "states": levels,

@@ -13,7 +13,7 @@ one shape, as NATTEN's backends do:
   measured preference list, that can run and is meant for inputs of that size.
 
 Whether Triton runs on the CPU (``TRITON_INTERPRET=1``) is read in one place,
-afmp.environment; ``triton_why_not`` turns it into a reason.
+afmp.utils.environment; ``triton_why_not`` turns it into a reason.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from afmp.environment import triton_interpreted
+from afmp.utils.environment import triton_interpreted
 
 
 def runs_anywhere(_: Any) -> None:

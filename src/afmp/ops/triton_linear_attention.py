@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from afmp.environment import triton_interpreted
+from afmp.utils.environment import triton_interpreted
 
 MAX_HEAD_DIM = 128  # two BD x BD float32 tiles per program; more would spill registers
 

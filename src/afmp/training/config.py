@@ -16,9 +16,9 @@ from pathlib import Path
 
 import yaml
 
-from afmp.errors import UsageError
-from afmp.options import parse_key_values
 from afmp.registry import config_fields, model_entry
+from afmp.utils.errors import UsageError
+from afmp.utils.options import parse_key_values
 
 
 @dataclass
@@ -43,7 +43,7 @@ class TrainConfig:
     clip_grad: float = 1.0  # max gradient norm; 0 turns clipping off
     label_smoothing: float = 0.1  # cross-entropy target smoothing, in [0, 1)
     mixup_alpha: float = 0.0  # mixup's Beta(alpha, alpha) blend of image batches; 0 = off
-    ema_decay: float = 0.0  # weight EMA (afmp.ema): validated, tested and saved instead; 0 = off
+    ema_decay: float = 0.0  # weight EMA (afmp.training.ema): validated, tested and saved instead; 0 = off
     select: str = "last"  # weights tested and saved as model.*: "last" epoch's or "best_val" epoch's
     amp: bool = True  # bf16/fp16 autocast on CUDA; ignored on the CPU
     compile: bool = False  # torch.compile the training step's model (first steps are slow: compiling)
@@ -58,7 +58,7 @@ class TrainConfig:
     data_opts: dict = field(default_factory=dict)  # extra loader options
     resume: bool = False  # continue from the run directory's last checkpoint
     tensorboard: bool = False  # also log to TensorBoard under out/tb
-    viz_every: int = 0  # draw gates and sparsity (afmp.viz) every k epochs; 0 = off
+    viz_every: int = 0  # draw gates and sparsity (afmp.commands.viz) every k epochs; 0 = off
     auto_batch: bool = False  # CUDA: largest batch <= batch_size fitting memory_budget_mb (batch_size.py)
     memory_budget_mb: float = 0.0  # for auto_batch; 0 = 90% of the GPU's memory
 
@@ -237,7 +237,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values: dict = {}
     if args.config:
         path = Path(args.config)
-        shipped = Path(__file__).parent / "configs" / f"{args.config}.yaml"
+        shipped = Path(__file__).parents[1] / "configs" / f"{args.config}.yaml"
         if not path.is_file() and shipped.is_file():  # a config shipped with afmp, by name
             path = shipped
         if not path.is_file():

@@ -8,13 +8,29 @@ figures are PNG.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
 from collections.abc import Callable
 from pathlib import Path
 
-from afmp.rundir import fsync_path
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's (or a folder's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:

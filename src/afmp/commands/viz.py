@@ -3,8 +3,9 @@
     afmp viz --checkpoint runs/afmp_tiny-digits --dataset digits --num 4
     afmp viz --checkpoint runs/afmp_tiny-cifar100 --images cat.png ship.jpg
 
-The trainer calls ``epoch_hook`` every ``viz_every`` epochs (``afmp train --viz-every K``),
-which writes the same figures into the run directory's ``viz/``. Gates come from
+``afmp train --viz-every K`` passes ``every(K)`` to the trainer, which then calls
+``epoch_hook`` every K epochs and after the last, writing the same figures into the run
+directory's ``viz/``. Gates come from
 ``model(x, return_aux=True)``: ``aux["gates"]`` holds one (B, N, K) tensor per layer, the
 mean over channels of the gate on edge i <- j (exactly 0 where the edge was pruned), laid
 out like the scaffold's neighbour lists (``model.scaffold_for(grid)``).
@@ -23,9 +24,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 
-from afmp.checkpoint import load_checkpoint  # noqa: E402
-from afmp.errors import usage_errors  # noqa: E402
-from afmp.files import save_png, write_json  # noqa: E402
+from afmp.training.checkpoint import load_checkpoint  # noqa: E402
+from afmp.utils.errors import usage_errors  # noqa: E402
+from afmp.utils.files import save_png, write_json  # noqa: E402
 
 
 # -- gates ----------------------------------------------------------------------------------
@@ -175,6 +176,16 @@ def epoch_hook(model, data, out, epoch: int, num_images: int = 16) -> list[Path]
     return render(
         model, batch.to(device), Path(out) / "viz", f"epoch{epoch:03d}", mean=data.mean, std=data.std
     )
+
+
+def every(k: int):
+    """The trainer's epoch hook (afmp.training.run.EpochHook) that draws every ``k`` epochs and after the last."""
+
+    def draw(run, epoch: int) -> None:
+        if epoch % k == 0 or epoch == run.cfg.epochs:
+            epoch_hook(run.final, run.data, run.out, epoch)
+
+    return draw
 
 
 # -- afmp viz -------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from afmp.losses import auxiliary_loss
+from afmp.training.losses import auxiliary_loss
 
 
 def search_batch_size(fits: Callable[[int], bool], max_batch: int, *, multiple_of: int = 8) -> int:

@@ -22,10 +22,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from afmp.errors import UsageError
-from afmp.files import atomic_write, write_json
 from afmp.registry import create_model, default_name, model_entry
-from afmp.rundir import sha256_file
+from afmp.utils.errors import UsageError
+from afmp.utils.files import atomic_write, sha256_file, write_json
 
 FORMAT = 2
 

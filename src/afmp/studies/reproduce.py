@@ -36,10 +36,11 @@ from pathlib import Path
 
 import yaml
 
-from afmp.errors import UsageError, usage_errors
-from afmp.options import parse_key_value
+from afmp.studies import report
+from afmp.utils.errors import UsageError, usage_errors
+from afmp.utils.options import parse_key_value
 
-STUDY_DIR = Path(__file__).parent / "configs" / "studies"
+STUDY_DIR = Path(__file__).parents[1] / "configs" / "studies"
 KINDS = ("ablation", "pareto", "scaling")
 # Train-set images and what a model is fitted to, per data set (for --dry-run, without the files).
 DATA_SHAPES = {  # name -> (training images before the validation split, image side, channels, classes)
@@ -81,7 +82,7 @@ def load_study(name: str, sets: list[str] | None = None) -> dict:
 
 def train_config(study: dict, args, **fields):
     """A TrainConfig from the study's ``train:`` section, the command line and ``fields``."""
-    from afmp.train_config import TrainConfig
+    from afmp.training.config import TrainConfig
 
     values = copy.deepcopy(study.get("train", {}))
     values["model_opts"] = {**values.get("model_opts", {}), **fields.pop("model_opts", {})}
@@ -99,7 +100,7 @@ def train_config(study: dict, args, **fields):
 # -- the runs of a study ----------------------------------------------------------------------
 def planned_runs(study: dict, args, out: Path) -> list[tuple[str, int, object]]:
     """(label, seed, TrainConfig) of every training run, replicate by replicate."""
-    from afmp import ablate
+    from afmp.studies import ablate
 
     if study["kind"] == "ablation":
         base = train_config(study, args, out=str(out))
@@ -121,81 +122,23 @@ def planned_runs(study: dict, args, out: Path) -> list[tuple[str, int, object]]:
     return []
 
 
-# -- reports ----------------------------------------------------------------------------------
-def _verdict_paired(rows: list[dict]) -> list[str]:
-    reference = rows[0]
-    lines = []
-    for r in rows[1:]:
-        if r["test_pairs"] < 2:
-            lines.append(f"- {r['label']}: one seed, no spread: no conclusion can be drawn.")
-            continue
-        if math.isnan(r["test_p_value"]):
-            lines.append(
-                f"- {r['label']} − {reference['label']} = {r['test_diff_mean']:+.2f} points on each of "
-                f"{r['test_pairs']} seeds: no spread to test against."
-            )
-        elif r["test_p_value"] < 0.05:
-            side = "above" if r["test_diff_mean"] > 0 else "below"
-            lines.append(
-                f"- {r['label']} is {side} {reference['label']} by {abs(r['test_diff_mean']):.2f} points "
-                f"(paired over {r['test_pairs']} seeds, p = {r['test_p_value']:.3f} < 0.05): distinguishable."
-            )
-        else:
-            lines.append(
-                f"- {r['label']} − {reference['label']} = {r['test_diff_mean']:+.2f} ± {r['test_diff_std']:.2f} "
-                f"points over {r['test_pairs']} seeds (p = {r['test_p_value']:.3f}): within seed noise."
-            )
-    return lines
-
-
-def write_report(out: Path, name: str, study: dict, body: list[str]) -> Path:
-    from afmp.files import atomic_write
-
-    text = "\n".join(
-        [
-            f"# {name}",
-            "",
-            f"**Claim tested:** {study['claim']}",
-            "",
-            f"Config: `afmp reproduce {name}` (`src/afmp/configs/studies/{name}.yaml`), "
-            f"{study.get('seeds', 1)} seed(s); the full settings are in `study.json`.",
-            "",
-            *body,
-            "",
-        ]
-    )
-    atomic_write(out / "report.md", lambda tmp: tmp.write_text(text))
-    return out / "report.md"
-
-
+# -- the studies: train or measure, write the tables and figures, then the report's lines ------
 def run_ablation(name: str, study: dict, runs, out: Path) -> list[str]:
-    from afmp import ablate
+    from afmp.studies import ablate
 
     ablate.train_runs(runs, resume=True)  # a half-trained run continues
     rows = ablate.summarize(out, study["study"], range(runs[0][2].seed, runs[0][2].seed + study["seeds"]))
-    best = max(rows, key=lambda r: r["test_mean"])
-    return [
-        "## Test accuracy (%), mean ± std over seeds; paired differences against the first setting",
-        "",
-        *ablate.table_lines(rows),
-        "",
-        f"Highest mean test accuracy: {best['label']} ({best['test_mean']:.2f}%).",
-        "",
-        "## Does the spread allow a conclusion?",
-        "",
-        *_verdict_paired(rows),
-        "",
-        "Figure: `comparison.png` (validation accuracy, training loss, sparsity loss, epoch time).",
-    ]
+    return report.ablation_lines(rows)
 
 
 def run_pareto_study(name: str, study: dict, runs, out: Path, args) -> list[str]:
     import torch
 
-    from afmp import ablate
-    from afmp.bench import pareto, plots, roofline, scaling
-    from afmp.files import write_table
-    from afmp.runtime import resolve_device
+    from afmp.bench import pareto, plots, scaling
+    from afmp.measure import roofline
+    from afmp.studies import ablate
+    from afmp.utils.files import write_table
+    from afmp.utils.runtime import resolve_device
 
     ablate.train_runs(runs, resume=True)  # a half-trained run continues
     labels = [e["label"] for e in study["models"]]
@@ -222,7 +165,7 @@ def run_pareto_study(name: str, study: dict, runs, out: Path, args) -> list[str]
         vs = ablate.paired(by_seed[labels[0]], by_seed[label])
         row.update(
             run=label,
-            label=label,  # what _verdict_paired names a row by
+            label=label,  # what report.verdict_paired names a row by
             accuracy=statistics.fmean(accs),
             accuracy_std=statistics.stdev(accs) if len(accs) > 1 else math.nan,
             seeds=len(accs),
@@ -233,58 +176,15 @@ def run_pareto_study(name: str, study: dict, runs, out: Path, args) -> list[str]
     plots.plot_pareto(
         rows, out / "pareto.png", pareto.panels(rows), title=f"{name}: test accuracy against cost"
     )
-    lines = [
-        f"## Accuracy and cost (latency: inference on {calib['device']}, median of {cfg.repeats})",
-        "",
-        f"| model | params | test % (mean ± std, seeds) | test − {labels[0]} (paired) | ahead | p "
-        "| matmul GFLOP / input | ms, batch 1 | ms, batch 64 |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        vs = "— | — | —"
-        if r is not rows[0]:
-            vs = f"{r['test_diff_mean']:+.2f} ± {r['test_diff_std']:.2f} | {r['test_ahead']}/{r['test_pairs']} | {r['test_p_value']:.3f}"
-        lines.append(
-            f"| {r['run']} | {r['params'] / 1e6:.3f}M | {r['accuracy']:.2f} ± {r['accuracy_std']:.2f} ({r['seeds']}) "
-            f"| {vs} | {r['matmul_gflops']:.4f} | {r['ms_b1']:.2f} | {r['ms_b64']:.2f} |"
-        )
-    lines += ["", "## Frontiers", ""]
-    on = {}
-    axes = [("matmul_gflops", "FLOPs"), ("ms_b1", "latency at batch 1"), ("ms_b64", "latency at batch 64")]
-    for key, axis in axes:
-        pts = [(r[key], r["accuracy"]) for r in rows]
-        front = [rows[i]["run"] for i in plots.pareto_front(pts)]
-        on[axis] = [f for f in front if f.startswith("afmp")]
-        lines.append(
-            f"- Against {axis}: frontier {', '.join(front)}; AFMP "
-            + (f"on it ({', '.join(on[axis])})." if on[axis] else "not on it.")
-        )
-    flops, latency = bool(on["FLOPs"]), any(on[axis] for _, axis in axes[1:])
-    verdict = {
-        (True, False): "consistent with the claim: AFMP is on the FLOPs frontier and on no latency frontier.",
-        (True, True): "not supported here: AFMP is on the FLOPs frontier and on a latency frontier too.",
-        (False, True): "not supported here: AFMP is on a latency frontier but not on the FLOPs one.",
-        (False, False): "not supported here: AFMP is on no frontier.",
-    }[flops, latency]
-    lines += [
-        "",
-        f"Verdict: {verdict} The frontiers go through mean accuracies; differences smaller than "
-        "the stds above are within seed noise.",
-        "",
-        f"## Test accuracy against {labels[0]}, seed by seed",
-        "",
-        *_verdict_paired(rows),
-        "",
-        "Figure: `pareto.png`.",
-    ]
-    return lines
+    return report.pareto_lines(name, rows, labels, calib["device"], cfg.repeats)
 
 
 def run_scaling_study(name: str, study: dict, out: Path, args) -> list[str]:
     import torch
 
-    from afmp.bench import plots, roofline, scaling
-    from afmp.files import write_table
+    from afmp.bench import plots, scaling
+    from afmp.measure import roofline
+    from afmp.utils.files import write_table
 
     bench = dict(study["bench"])
     if args.device is not None:
@@ -302,36 +202,7 @@ def run_scaling_study(name: str, study: dict, out: Path, args) -> list[str]:
     what = f"batch {cfg.batch_size}, {cfg.mode}, {cfg.dtype}, {calib['device']}"
     plots.plot_against_tokens(rows, "ms_median", "step time (ms)", out / "time_vs_tokens.png", what)
     plots.plot_against_tokens(rows, "peak_mb", "peak memory (MB)", out / "memory_vs_tokens.png", what)
-    lines = [
-        f"## Growth with the number of tokens N ({what})",
-        "",
-        "Fitted over each model's three largest sizes that ran: time ∝ N^a, memory ∝ N^b.",
-        "",
-        "| model | sizes run | out of memory at | a (time) | b (memory) |",
-        "|---|---|---|---|---|",
-    ]
-    for model, mrows in plots.by_model(rows).items():
-        ok = [r for r in mrows if not r["oom"] and math.isfinite(r["ms_median"])]
-        oom = [str(r["resolution"]) for r in mrows if r["oom"]]
-        top = ok[-3:]
-        a = (
-            plots.scaling_exponent([r["tokens"] for r in top], [r["ms_median"] for r in top])
-            if len(top) > 1
-            else math.nan
-        )
-        b = (
-            plots.scaling_exponent([r["tokens"] for r in top], [r["peak_mb"] for r in top])
-            if len(top) > 1
-            else math.nan
-        )
-        lines.append(f"| {model} | {len(ok)} | {', '.join(oom) or '—'} | {a:.2f} | {b:.2f} |")
-    lines += [
-        "",
-        "Linear scaling means an exponent near 1; the memory wall is where a model runs out of memory.",
-        "",
-        "Figures: `time_vs_tokens.png`, `memory_vs_tokens.png`.",
-    ]
-    return lines
+    return report.scaling_lines(rows, what)
 
 
 # -- --dry-run: what the study will cost ------------------------------------------------------
@@ -339,7 +210,8 @@ def step_cost(cfg, device) -> dict:
     """One training step of ``cfg``'s model at its batch size on ``device``: ms, peak MB, GFLOP."""
     import torch
 
-    from afmp.bench import roofline, scaling
+    from afmp.bench import scaling
+    from afmp.measure import roofline
     from afmp.registry import create_model, model_args_for_data
 
     if cfg.dataset not in DATA_SHAPES:
@@ -377,7 +249,7 @@ def dry_run(name: str, study: dict, runs, args) -> list[dict]:
     """Print every run and its cost; returns one row per distinct model configuration."""
     import torch
 
-    from afmp.runtime import resolve_device
+    from afmp.utils.runtime import resolve_device
 
     if study["kind"] == "scaling":
         bench = study["bench"]
@@ -470,14 +342,14 @@ def main(args: argparse.Namespace) -> int:
         study = load_study(args.study, sets)
         out = Path(args.out or f"runs/reproduce-{args.study}")
         runs = planned_runs(study, args, out)
-    from afmp import ablate
+    from afmp.studies import ablate
 
     ablate.check_runs(runs)  # every run's settings, before anything is written
     if args.dry_run:
         dry_run(args.study, study, runs, args)
         return 0
-    from afmp.files import write_json
-    from afmp.rundir import RunLock
+    from afmp.training.rundir import RunLock
+    from afmp.utils.files import write_json
 
     with RunLock(out):
         write_json(out / "study.json", {"study": args.study, "config": study})
@@ -487,7 +359,7 @@ def main(args: argparse.Namespace) -> int:
             body = run_pareto_study(args.study, study, runs, out, args)
         else:
             body = run_scaling_study(args.study, study, out, args)
-        report = write_report(out, args.study, study, body)
+        written = report.write_report(out, args.study, study, body)
     print("\n".join(body))
-    print(f"wrote {report}")
+    print(f"wrote {written}")
     return 0

@@ -35,12 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
-from afmp import train_config
-from afmp.errors import UsageError, usage_errors
-from afmp.files import save_png, write_csv, write_json
-from afmp.rundir import RunLock, latest_checkpoint
-from afmp.train import train
-from afmp.train_config import TrainConfig, check_config, config_from_args
+from afmp.training import config as train_config
+from afmp.training.config import TrainConfig, check_config, config_from_args
+from afmp.training.rundir import RunLock, latest_checkpoint
+from afmp.training.train import train
+from afmp.utils.errors import UsageError, usage_errors
+from afmp.utils.files import save_png, write_csv, write_json
 
 # study -> [(setting, plot label, the model options it varies)]
 STUDIES: dict[str, list[tuple[str, str, dict]]] = {

@@ -1,6 +1,6 @@
 """DistributedDataParallel helpers for ``afmp train`` under torchrun.
 
-    torchrun --nproc_per_node=N -m afmp.train --dataset cifar100 --batch-size 128 ...
+    torchrun --nproc_per_node=N -m afmp.commands.train --dataset cifar100 --batch-size 128 ...
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; ``init()`` reads them and joins the
 process group (NCCL on CUDA, gloo on the CPU). Without them everything here is a

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from afmp.checkpoint import load_checkpoint
 from afmp.data import build_dataset
-from afmp.errors import UsageError, usage_errors
-from afmp.files import save_png, write_csv, write_json
-from afmp.runtime import autocast, resolve_device, to_device
+from afmp.training.checkpoint import load_checkpoint
+from afmp.utils.errors import UsageError, usage_errors
+from afmp.utils.files import save_png, write_csv, write_json
+from afmp.utils.runtime import autocast, resolve_device, to_device
 
 
 # -- afmp eval ------------------------------------------------------------------------------

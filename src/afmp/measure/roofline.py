@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from afmp.bench.timing import time_step_ms
-from afmp.environment import cache_dir
-from afmp.files import write_json
+from afmp.measure.timing import time_step_ms
+from afmp.utils.environment import cache_dir
+from afmp.utils.files import write_json
 
 # Sizes: big enough to reach the plateau on each device, small enough to take a second.
 MATMUL_SIZES = {"cuda": (4096, 8192), "cpu": (256, 512, 1024, 2048)}

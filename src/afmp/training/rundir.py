@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,28 +21,11 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from afmp.errors import UsageError
+from afmp.utils.errors import UsageError
+from afmp.utils.files import fsync_path, sha256_file
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
-
-
-# -- files ----------------------------------------------------------------------------------
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def fsync_path(path: str | os.PathLike) -> None:
-    """Flush a file's (or a folder's entries') data to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def clean_temporaries(directory: str | os.PathLike) -> list[Path]:
