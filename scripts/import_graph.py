@@ -136,7 +136,9 @@ def layering_problems(graph: dict[str, set[str]], lazy: dict[str, set[str]]) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lazy", action="store_true", help="also list the imports made inside functions")
-    parser.add_argument("--src", type=Path, default=SRC, help="the source folder (default: this repository's src/)")
+    parser.add_argument(
+        "--src", type=Path, default=SRC, help="the source folder (default: this repository's src/)"
+    )
     args = parser.parse_args(argv)
     graph, lazy = read_graph(args.src)
     for name in sorted(graph):

@@ -116,6 +116,29 @@ def test_dense_variant_keeps_every_edge_and_has_no_regulariser():
     assert aux["sparsity_loss"].item() == 0.0
 
 
+@pytest.mark.parametrize(("name", "topk_calls"), [("afmp_tiny_dense", 0), ("afmp_tiny", 4)])
+def test_only_the_sparse_variant_runs_top_k(name, topk_calls):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func._overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = afmp.create_model(name)
+    x = torch.randn(2, 3, 32, 32)
+    with Ops() as ops:
+        logits, aux = model(x, return_aux=True)
+        (logits.sum() + aux["sparsity_loss"]).backward()
+    assert ops.names.count("topk") == topk_calls  # one per layer when pruning; none when dense
+    if not topk_calls:  # nor anything else of the pruning
+        assert not {"sort", "kthvalue", "scatter", "scatter_"} & set(ops.names)
+
+
 def test_sparsity_loss_is_lambda_times_mean_gate():
     model = afmp.create_model("afmp_tiny", lambda_sparse=0.5)
     logits, aux = model(torch.randn(2, 3, 32, 32), return_aux=True)

@@ -51,6 +51,14 @@ def test_compiled_bytes_are_what_the_fused_kernel_reads_and_writes():
     assert counting.count(lambda: (x * 2).sin().square()).bytes == 3 * 2 * 4000  # eager: three ops
 
 
+def test_ops_count_every_dispatched_op_views_included():
+    x = torch.randn(4, 5)
+    assert counting.count(lambda: (x * 2).sin().square()).ops == 3
+    assert counting.count(lambda: x.t().reshape(5, 4)[1:]).ops == 3  # t, view, slice: no bytes, still ops
+    w = torch.randn(3, 5)
+    assert counting.count(lambda: torch.nn.functional.linear(x, w)).ops == 2  # t, mm
+
+
 def test_linear_counts_matmul_flops_and_every_operand_byte():
     lin = nn.Linear(5, 7)
     x = torch.randn(3, 5)
@@ -145,10 +153,11 @@ def test_batch_extrapolation_is_exact(name, mode):
         )
 
     direct, extrapolated = counting.count(make(5)), counting.count_step(make, 5)
-    assert (direct.matmul_flops, direct.total_flops, direct.bytes) == (
+    assert (direct.matmul_flops, direct.total_flops, direct.bytes, direct.ops) == (
         extrapolated.matmul_flops,
         extrapolated.total_flops,
         extrapolated.bytes,
+        extrapolated.ops,
     )
 
 
@@ -359,10 +368,12 @@ def test_edge_study_writes_the_stage_bandwidth_per_backend(tmp_path):
     assert afmp_cli.main([*argv, "--out", str(out)]) == 0
     with open(out / "edge.csv") as f:
         rows = list(csv.DictReader(f))
-    # Every backend that can run here: reference, packed, stencil, and triton where its
+    # Every backend that can run here: reference, packed, gather, stencil, and triton where its
     # interpreter is on.
     backends = [r["backend"] for r in rows]
-    assert backends[:3] == ["reference", "packed", "stencil"] and len(backends) == len(set(backends))
+    assert backends[:4] == ["reference", "packed", "gather", "stencil"] and len(backends) == len(
+        set(backends)
+    )
     for row in rows:
         assert (row["grid"], row["tokens"], row["resolution"]) == ("3x3", "9", "48")
         expected = edge_stage_bytes(2, 9, int(row["max_degree"]), 512, 64, 64, 4)

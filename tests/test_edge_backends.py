@@ -1,9 +1,9 @@
-"""The plain-PyTorch backends of the per-edge stage (packed, stencil) against the reference.
+"""The plain-PyTorch backends of the per-edge stage (packed, gather, stencil) against the reference.
 
 Everything runs in float64 on the same values, so a backend must agree with the padded
 reference to rounding: scores in the real slots, the aggregate, the gate means, and
 every gradient. Padding scores mean nothing in the reference (they pair a token with
-itself); packed and stencil give exactly 0 there and pass no gradient back, and the
+itself); packed, gather and stencil give exactly 0 there and pass no gradient back, and the
 model never reads them (``keep`` is False in every padding slot), so gradients are
 compared for cotangents that are 0 in padding, as in the model.
 """
@@ -25,7 +25,7 @@ SCAFFOLDS = {
     "delaunay6x1": lambda: scaffold.delaunay_grid(6, 1),
     "window9r3": lambda: scaffold.window(9, 3),  # 1-D
 }
-BACKENDS = ["packed", "stencil"]
+BACKENDS = ["packed", "gather", "stencil"]
 B, R, F, D = 2, 5, 6, 11
 f64 = torch.float64
 
@@ -77,6 +77,41 @@ def test_edge_scores_and_gradients_equal_the_reference(backend, name, with_p):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_padding_slots_pass_no_gradient_back(backend):
+    sc = SCAFFOLDS["delaunay5x7"]()
+    n, kk = sc.neighbors.shape
+    gen = torch.Generator().manual_seed(5)
+    inputs = _leaves(
+        gen, (B, n, R), (B, n, R), (B, n, F), (B, n, F), (B, n, D), (B, n, D), (F,), (F,), (F,), ()
+    )
+    ds = torch.randn((B, n, kk), generator=gen, dtype=f64)
+    assert (~sc.mask).any()  # the border has padding slots, which get a cotangent here
+    grads = [_grads(EDGE_BACKENDS[backend].edge_scores(*inputs, sc), inputs, c) for c in (ds, ds * sc.mask)]
+    for full, masked in zip(*grads):
+        torch.testing.assert_close(full, masked, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_a_prediction_error_of_zero_has_a_finite_gradient(backend):
+    # Every state and prediction the same row: every edge's error |h_j - p_i| is exactly 0,
+    # where the norm's gradient is taken as 0 (as torch.linalg.vector_norm's), not 0/0.
+    sc = SCAFFOLDS["delaunay5x7"]()
+    n, kk = sc.neighbors.shape
+    gen = torch.Generator().manual_seed(6)
+    q, k, a, b, w_err, w_len, w_out, b_out = _leaves(
+        gen, (B, n, R), (B, n, R), (B, n, F), (B, n, F), (F,), (F,), (F,), ()
+    )
+    row = torch.randn(D, generator=gen, dtype=f64)
+    h, p = (row.expand(B, n, D).clone().requires_grad_() for _ in range(2))
+    inputs = [q, k, a, b, h, p, w_err, w_len, w_out, b_out]
+    scores = EDGE_BACKENDS[backend].edge_scores(*inputs, sc)
+    ds = torch.randn((B, n, kk), generator=gen, dtype=f64) * sc.mask
+    grads = _grads(scores, inputs, ds)
+    assert all(bool(g.isfinite().all()) for g in grads)
+    assert not grads[4].any() and not grads[5].any()  # no gradient through a zero error
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(SCAFFOLDS))
 @pytest.mark.parametrize("sparsity", [0.0, 0.4])
 def test_gated_aggregate_and_gradients_equal_the_reference(backend, name, sparsity):
@@ -105,15 +140,31 @@ def test_the_stencil_backend_refuses_a_scaffold_that_is_no_stencil():
     assert sc.stencil is None
     with pytest.raises(RuntimeError, match="not a stencil"):
         select_edge_backend("stencil", "cpu", sc)
-    assert select_edge_backend("auto", "cpu", sc).name == "packed"  # the next fastest that can
+    assert select_edge_backend("auto", "cpu", sc).name == "gather"  # the next fastest that can
 
 
-def test_auto_on_the_cpu_picks_the_stencil_from_an_8x8_grid_up():
-    assert select_edge_backend("auto", "cpu", scaffold.delaunay_grid(8, 8)).name == "stencil"
+def test_auto_on_the_cpu_picks_the_stencil_from_a_10x10_grid_up():
+    assert select_edge_backend("auto", "cpu", scaffold.delaunay_grid(10, 10)).name == "stencil"
+    assert select_edge_backend("auto", "cpu", scaffold.delaunay_grid(8, 8)).name == "gather"
     assert select_edge_backend("auto", "cpu", scaffold.delaunay_grid(28, 28)).name == "stencil"
-    assert select_edge_backend("auto", "cpu", scaffold.delaunay_grid(7, 7)).name == "packed"
-    assert select_edge_backend("auto", "cpu", scaffold.delaunay_grid(4, 4)).name == "packed"  # digits
+    assert select_edge_backend("auto", "cpu", scaffold.delaunay_grid(7, 7)).name == "gather"  # mnist5k
+    assert select_edge_backend("auto", "cpu", scaffold.delaunay_grid(4, 4)).name == "gather"  # digits
     assert select_edge_backend("reference", "cpu").name == "reference"
+
+
+def test_auto_on_cuda_names_only_backends_with_a_gpu_record():
+    from afmp.ops import AUTO, CUDA_RECORD
+
+    for (device, _), entries in AUTO.items():
+        if device == "cuda":
+            assert {name for name, _ in entries} <= set(CUDA_RECORD), "a CUDA choice without a GPU record"
+    assert "triton" not in CUDA_RECORD  # the stencil kernels have run only under the interpreter
+    # What a user's first GPU run takes: the stencil on a grid, the reference on other scaffolds.
+    assert select_edge_backend("auto", "cuda", scaffold.delaunay_grid(4, 4)).name == "stencil"
+    assert (
+        select_edge_backend("auto", "cuda", scaffold.delaunay(scaffold.grid_positions(3, 3))).name
+        == "reference"
+    )
 
 
 MODEL = dict(img_size=16, patch_size=4, num_layers=3, d_model=12, k_dim=5, score_hidden=6, num_classes=7)
@@ -240,3 +291,23 @@ def test_a_backend_family_walks_its_preference_list_and_says_why_not(monkeypatch
             linear_attention.select_linear_attention("auto", "cpu")
             is linear_attention.linear_attention_reference
         )
+
+
+def test_the_gpu_scripts_crosscheck_passes_on_the_cpu_and_names_a_backend_that_differs(monkeypatch):
+    from afmp.ops import EdgeBackend, crosscheck
+
+    grids, dtypes = [(1, 5), (3, 4)], [torch.float32, torch.bfloat16]
+    assert (
+        crosscheck.crosscheck("cpu", dtypes, grids, ["packed", "gather", "stencil"], log=lambda *a: None)
+        == []
+    )
+
+    def off_by_a_little(s, keep, m, w_g, b_g, sc):  # the reference's aggregate, 0.1% too large
+        out, gate_mean = edge.gated_aggregate(s, keep, m, w_g, b_g, sc)
+        return out * 1.001, gate_mean
+
+    broken = EdgeBackend(name="broken", edge_scores=edge.edge_scores, gated_aggregate=off_by_a_little)
+    monkeypatch.setitem(EDGE_BACKENDS, "broken", broken)
+    found = crosscheck.crosscheck("cpu", [torch.float32], [(3, 4)], ["broken"], log=lambda *a: None)
+    assert [m.backend for m in found] == ["broken"] and 5e-4 < found[0].error < 2e-3  # the 0.1%, not rounding
+    assert str(found[0]).startswith("backend 'broken' differs from the reference on a 3x4 grid in float32: ")

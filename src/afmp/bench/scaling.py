@@ -44,7 +44,7 @@ from afmp.utils.options import parse_key_values
 
 COLUMNS = [
     "model", "resolution", "tokens", "batch_size", "mode", "dtype", "precision", "device", "compile",
-    "params", "matmul_gflops", "total_gflops", "gbytes", "compiled_gbytes", "ms_median", "ms_min", "ms_max", "repeats",
+    "params", "ops_per_step", "matmul_gflops", "total_gflops", "gbytes", "compiled_gbytes", "ms_median", "ms_min", "ms_max", "repeats",
     "peak_mb", "peak_source", "roofline_ms", "roofline_frac", "oom", "note",
 ]  # fmt: skip
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -248,7 +248,7 @@ def bench_one_size(todo: list[tuple[dict, Callable[[], BenchModel]]], cfg, calib
         log(
             f"{row['model']:32s} {row['resolution']:5d} tokens {row['tokens']:6d}  "
             f"{row['ms_median']:9.2f} ms  {row['peak_mb']:9.1f} MB  {row['total_gflops']:9.2f} GFLOP  "
-            f"{row['gbytes']:8.3f} GB  roofline {row['roofline_ms']:8.2f} ms"
+            f"{row['gbytes']:8.3f} GB  {row['ops_per_step']:6d} ops  roofline {row['roofline_ms']:8.2f} ms"
             + (f"  compiled {row['compiled_gbytes']:.3f} GB" if row["compile"] else "")
         )
     del live
@@ -268,6 +268,7 @@ def prepare(make: Callable[[], BenchModel], cfg: BenchConfig, calib: dict, devic
     eager = make_step(bm, bm.module, cfg, device)
     costs = counting.count_step(lambda b: partial(eager, make_input(bm, b, cfg)), cfg.batch_size)
     row.update(
+        ops_per_step=round(costs.ops),  # the same at every batch size: the extrapolation keeps it
         matmul_gflops=costs.matmul_flops / 1e9,
         total_gflops=costs.total_flops / 1e9,
         gbytes=costs.bytes / 1e9,

@@ -173,6 +173,7 @@ class Costs:
     total_flops: float = 0
     bytes: float = 0
     by_op: Counter = field(default_factory=Counter)  # op name -> bytes, for a closer look
+    ops: float = 0  # aten ops dispatched, views and allocations included: what eager pays per op
 
     def __add__(self, other: Costs) -> Costs:
         return Costs(
@@ -180,11 +181,18 @@ class Costs:
             self.total_flops + other.total_flops,
             self.bytes + other.bytes,
             self.by_op + other.by_op,
+            self.ops + other.ops,
         )
 
     def scaled(self, factor: float) -> Costs:
         by_op = Counter({k: v * factor for k, v in self.by_op.items()})
-        return Costs(self.matmul_flops * factor, self.total_flops * factor, self.bytes * factor, by_op)
+        return Costs(
+            self.matmul_flops * factor,
+            self.total_flops * factor,
+            self.bytes * factor,
+            by_op,
+            self.ops * factor,
+        )
 
 
 class CostMode(TorchDispatchMode):
@@ -197,6 +205,7 @@ class CostMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        self.costs.ops += 1
         packet = func._overloadpacket
         if func.is_view or packet in NO_TRAFFIC:
             return out

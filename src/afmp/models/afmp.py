@@ -66,12 +66,13 @@ class RouterPCULayer(nn.Module):
             p,
             self.w_err,
             self.w_len,
-            self.score_out.weight[0],
-            self.score_out.bias[0],
+            # Views, not indexing: a view's backward is a view, an index's allocates a zero tensor.
+            self.score_out.weight.view(-1),
+            self.score_out.bias.view(()),
             sc,
         )
         keep = topk_keep(s, sc.mask, sc.num_edges, self.sparsity)
-        agg, gate_mean = backend.gated_aggregate(s, keep, m, self.gate.weight[:, 0], self.gate.bias, sc)
+        agg, gate_mean = backend.gated_aggregate(s, keep, m, self.gate.weight.view(-1), self.gate.bias, sc)
         return F.gelu(h_self + agg), gate_mean
 
 

@@ -6,6 +6,7 @@ Each backend provides ``edge_scores`` and ``gated_aggregate`` with the signature
 that scaffold, or the reason it cannot).
 
     reference  padded neighbour lists, plain PyTorch: (B, N, K, C) gathers
+    gather     the same gathers in few, batched ops, with a hand-written backward: small grids
     packed     the real edges only, plain PyTorch: index_select / index_add
     stencil    shifted views of the token grid, plain PyTorch with a hand-written
                backward; needs a stencil scaffold (every grid layout is one)
@@ -13,7 +14,8 @@ that scaffold, or the reason it cannot).
 
 ``auto`` takes the first of ``AUTO[device type, compiled]`` that can run and is meant
 for a grid of that many tokens: the order is the measured one, fastest first
-(docs/results.md, "Which backend auto picks"). The choice is made inside the model's
+(docs/results.md, "Which backend auto picks"); on CUDA only backends with a GPU record
+(``CUDA_RECORD``). The choice is made inside the model's
 forward, so under torch.compile it is the compiled order (``torch.compiler.is_compiling()``).
 """
 
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from afmp.ops import edge, packed_edge, stencil_edge
+from afmp.ops import edge, gather_edge, packed_edge, stencil_edge
 from afmp.ops.backends import Backend, BackendFamily
 from afmp.scaffold import Scaffold
 
@@ -36,17 +38,29 @@ class EdgeBackend(Backend):
 
 
 # Fastest first, by the training-step measurements in docs/results.md ("Which backend auto
-# picks"), keyed by (device type, compiled): (backend, fewest tokens per image it is
-# taken for). On the CPU the stencil beats packed from 64 tokens (an 8x8 grid) up, and
-# loses below (a 7x7 grid of AFMP-Small, digits' 4x4), where many of its slots are padding.
-# The CUDA rows are those of the last GPU run, made with the gather-based Triton kernels:
-# eager, they were 4-5x faster than the reference; compiled, the reference beat them. The
-# stencil backends have not been timed on a GPU yet, so they go after a measured winner.
+# picks", "AFMP at the sizes people train"), keyed by (device type, compiled): (backend,
+# fewest tokens per image it is taken for). On the CPU the stencil wins from a 10x10 grid up
+# (and uses under half the memory); below, gather's few batched ops win (8% at 8x8, 8-30%
+# over packed from 4x4 to 16x16).
+CPU_SMALL_GRID = 100
+# On CUDA, auto takes only backends in CUDA_RECORD (a test holds it to that).
 AUTO: dict[tuple[str, bool], list[tuple[str, int]]] = {
-    ("cpu", False): [("stencil", 64), ("packed", 0), ("reference", 0)],
-    ("cpu", True): [("stencil", 64), ("packed", 0), ("reference", 0)],
-    ("cuda", False): [("triton", 0), ("stencil", 0), ("reference", 0)],
-    ("cuda", True): [("reference", 0), ("stencil", 0), ("triton", 0)],
+    ("cpu", False): [("stencil", CPU_SMALL_GRID), ("gather", 0), ("reference", 0)],
+    ("cpu", True): [("stencil", CPU_SMALL_GRID), ("gather", 0), ("reference", 0)],
+    ("cuda", False): [("stencil", 0), ("reference", 0)],
+    ("cuda", True): [("stencil", 0), ("reference", 0)],
+}
+# What auto on CUDA relies on: where each backend it may take was checked on a GPU.
+# scripts/gpu_bench_all.sh first checks every backend against the reference on the device
+# (scripts/gpu_backend_check.py, float32 and bfloat16, forward and every gradient); a backend
+# joins this record, and may then join AUTO's CUDA rows, once it passed there, with the
+# commit and the GPU named in docs/results.md ("Backends checked on a GPU").
+CUDA_RECORD: dict[str, str] = {
+    "reference": "ran on an H100 80GB (torch 2.11) on 2026-11-23: docs/results.md, 'AFMP's per-edge stage alone'",
+    "stencil": (
+        "plain PyTorch ops, no kernel of ours (Inductor writes its compiled form): the CUDA default "
+        "until scripts/gpu_bench_all.sh has checked it, by the rule of docs/results.md, 'Backends checked on a GPU'"
+    ),
 }
 
 EDGE_BACKENDS = BackendFamily("edge", AUTO)
@@ -56,6 +70,11 @@ EDGE_BACKENDS.register(
 EDGE_BACKENDS.register(
     EdgeBackend(
         name="packed", edge_scores=packed_edge.edge_scores, gated_aggregate=packed_edge.gated_aggregate
+    )
+)
+EDGE_BACKENDS.register(
+    EdgeBackend(
+        name="gather", edge_scores=gather_edge.edge_scores, gated_aggregate=gather_edge.gated_aggregate
     )
 )
 EDGE_BACKENDS.register(
