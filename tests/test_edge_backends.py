@@ -301,6 +301,9 @@ def test_the_gpu_scripts_crosscheck_passes_on_the_cpu_and_names_a_backend_that_d
         crosscheck.crosscheck("cpu", dtypes, grids, ["packed", "gather", "stencil"], log=lambda *a: None)
         == []
     )
+    # bfloat16 on a large grid: gather's dw_len is off by more than 3e-2 there, and so is the
+    # reference's own bfloat16 run (by about half as much): the slack lets it pass.
+    assert crosscheck.crosscheck("cpu", [torch.bfloat16], [(64, 64)], ["gather"], log=lambda *a: None) == []
 
     def off_by_a_little(s, keep, m, w_g, b_g, sc):  # the reference's aggregate, 0.1% too large
         out, gate_mean = edge.gated_aggregate(s, keep, m, w_g, b_g, sc)
