@@ -28,6 +28,7 @@ ROLES: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("afmp.models",)),
     ("measure", ("afmp.measure",)),
     ("training", ("afmp.training",)),
+    ("deploy", ("afmp.deploy",)),  # a trained run put to use: predict files, export the model
     ("bench", ("afmp.bench",)),
     ("studies", ("afmp.studies",)),
     ("commands", ("afmp.commands",)),
