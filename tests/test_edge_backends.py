@@ -158,7 +158,8 @@ def test_auto_on_cuda_names_only_backends_with_a_gpu_record():
     for (device, _), entries in AUTO.items():
         if device == "cuda":
             assert {name for name, _ in entries} <= set(CUDA_RECORD), "a CUDA choice without a GPU record"
-    assert "triton" not in CUDA_RECORD  # the stencil kernels have run only under the interpreter
+    # Triton's kernels have matched the reference on a GPU but were never timed there: not auto's.
+    assert all(name != "triton" for (device, _), entries in AUTO.items() for name, _ in entries)
     # What a user's first GPU run takes: the stencil on a grid, the reference on other scaffolds.
     assert select_edge_backend("auto", "cuda", scaffold.delaunay_grid(4, 4)).name == "stencil"
     assert (

@@ -27,6 +27,7 @@ import gc
 import math
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -223,7 +224,7 @@ def bench_one_size(todo: list[tuple[dict, Callable[[], BenchModel]]], cfg, calib
         rows.append(row)
         log(f"{row['model']:32s} {row['resolution']:5d} building, counting costs, warming up ...")
         try:
-            live.append((row, *prepare(make, cfg, calib, device, row)))
+            live.append((row, *prepare(make, cfg, calib, device, row, log)))
         except Exception as err:  # noqa: BLE001 - any failure is a row, and the run goes on
             record_failure(row, err, log)
         free(device)
@@ -256,8 +257,9 @@ def bench_one_size(todo: list[tuple[dict, Callable[[], BenchModel]]], cfg, calib
     return rows
 
 
-def prepare(make: Callable[[], BenchModel], cfg: BenchConfig, calib: dict, device, row: dict):
+def prepare(make: Callable[[], BenchModel], cfg: BenchConfig, calib: dict, device, row: dict, log=print):
     """Build, count, warm up and measure the memory of one model: (model, its step)."""
+    started = time.perf_counter()
     torch.manual_seed(0)
     baseline = timing.memory_in_use(device)
     bm = make()
@@ -274,6 +276,7 @@ def prepare(make: Callable[[], BenchModel], cfg: BenchConfig, calib: dict, devic
         gbytes=costs.bytes / 1e9,
         roofline_ms=roofline.roofline_ms(costs.total_flops, costs.bytes, calib),
     )
+    counted = time.perf_counter()
     model = torch.compile(bm.module, dynamic=False) if row["compile"] else bm.module
     step = make_step(bm, model, cfg, device)
     x = make_input(bm, cfg.batch_size, cfg)
@@ -286,6 +289,11 @@ def prepare(make: Callable[[], BenchModel], cfg: BenchConfig, calib: dict, devic
     for _ in range(warmup):
         step(x)
     row["peak_mb"], row["peak_source"] = timing.peak_step_mb(partial(step, x), device, baseline)
+    # What preparing costs, so that a GPU lease's time limits can be set from it.
+    log(
+        f"{row['model']:32s} {row['resolution']:5d} ready: {counted - started:.1f} s building and counting, "
+        f"{time.perf_counter() - counted:.1f} s {'compiling and ' if row['compile'] else ''}warming up"
+    )
     return bm, step
 
 

@@ -55,12 +55,15 @@ AUTO: dict[tuple[str, bool], list[tuple[str, int]]] = {
 # (scripts/gpu_backend_check.py, float32 and bfloat16, forward and every gradient); a backend
 # joins this record, and may then join AUTO's CUDA rows, once it passed there, with the
 # commit and the GPU named in docs/results.md ("Backends checked on a GPU").
+H200_CHECK = (
+    "matched the reference on an H200 (torch 2.11, triton 3.6) at 619f8e1 on 2026-12-04, fp32 and bf16"
+)
 CUDA_RECORD: dict[str, str] = {
     "reference": "ran on an H100 80GB (torch 2.11) on 2026-11-23: docs/results.md, 'AFMP's per-edge stage alone'",
-    "stencil": (
-        "plain PyTorch ops, no kernel of ours (Inductor writes its compiled form): the CUDA default "
-        "until scripts/gpu_bench_all.sh has checked it, by the rule of docs/results.md, 'Backends checked on a GPU'"
-    ),
+    "stencil": H200_CHECK + ": docs/results.md, 'Backends checked on a GPU'",
+    "gather": H200_CHECK,
+    "packed": H200_CHECK,
+    "triton": H200_CHECK + " (compiled kernels, not the interpreter); not yet timed there",
 }
 
 EDGE_BACKENDS = BackendFamily("edge", AUTO)
