@@ -23,8 +23,12 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # Lowest first: each role's modules are the packages or modules listed, and what is under them.
 ROLES: list[tuple[str, tuple[str, ...]]] = [
     ("utils", ("afmp.utils",)),
+    (
+        "geometry",
+        ("afmp.scaffold",),
+    ),  # scaffolds of positions: built by data pipelines (point sets) and models
     ("data", ("afmp.data",)),
-    ("blocks", ("afmp.scaffold", "afmp.layers", "afmp.registry", "afmp.ops")),
+    ("blocks", ("afmp.layers", "afmp.registry", "afmp.ops")),
     ("models", ("afmp.models",)),
     ("measure", ("afmp.measure",)),
     ("training", ("afmp.training",)),

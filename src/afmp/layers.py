@@ -100,3 +100,11 @@ def grid_centres(height: int, width: int, device=None) -> torch.Tensor:
     rows = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
     cols = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
     return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), -1).reshape(-1, 2)
+
+
+def masked_mean(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the valid tokens of each sequence or set (B, L, D) -> (B, D); one with none gives 0."""
+    if mask is None:
+        return h.mean(1)
+    m = mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1).clamp_min(1)

@@ -89,6 +89,8 @@ def pretrained_cfg(name: str, cfg) -> dict:
         data = _DATA.get(name)
         if data is not None and len(STATS[data][0]) == cfg.in_chans:
             out["mean"], out["std"] = STATS[data]
+    elif hasattr(cfg, "pos_dim"):  # a point-set model: a batch dict of afmp.data.points in
+        out.update(first_conv="embed", in_features=cfg.in_features, pos_dim=cfg.pos_dim)
     else:  # a sequence model: token ids in, no normalisation
         out.update(first_conv="embed", max_len=cfg.max_len, vocab_size=cfg.vocab_size)
     return out

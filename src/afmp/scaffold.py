@@ -154,19 +154,52 @@ def delaunay(positions: np.ndarray) -> Scaffold:
 
 
 def _delaunay_edges(positions: np.ndarray) -> np.ndarray:
-    """Undirected edges (E, 2) of scipy's (Qhull's) Delaunay triangulation; a chain if collinear."""
-    n = positions.shape[0]
+    """Undirected edges (E, 2) of scipy's (Qhull's) Delaunay triangulation of 2-D or 3-D
+    ``positions``. Points that span fewer dimensions (collinear, coplanar) are triangulated
+    in the subspace they span; collinear ones become a chain along their line."""
+    n, dim = positions.shape
     if n < 2:
         return np.zeros((0, 2), dtype=np.int64)
     centred = positions - positions.mean(0)
-    if n < 3 or np.linalg.matrix_rank(centred, tol=1e-9) < 2:
+    rank = int(np.linalg.matrix_rank(centred, tol=1e-9))
+    if n < 3 or rank < 2:
         # Qhull cannot triangulate points on a line: link each to its successor along it.
         order = np.argsort(centred @ np.linalg.svd(centred)[2][0], kind="stable")
         return np.stack([order[:-1], order[1:]], 1)
     from scipy.spatial import Delaunay
 
+    if rank < dim:  # flat in 3-D: triangulate in the plane's own coordinates
+        positions = centred @ np.linalg.svd(centred)[2][:rank].T
     simplices = Delaunay(positions).simplices
-    return np.concatenate([simplices[:, [0, 1]], simplices[:, [1, 2]], simplices[:, [0, 2]]])
+    corners = simplices.shape[1]  # 3 in 2-D (triangles), 4 in 3-D (tetrahedra)
+    pairs = [(a, b) for a in range(corners) for b in range(a + 1, corners)]
+    return np.concatenate([simplices[:, [a, b]] for a, b in pairs])
+
+
+def delaunay_edges(positions: np.ndarray) -> np.ndarray:
+    """Undirected edges (E, 2) of the Delaunay triangulation of ``positions`` (N, 2) or (N, 3)."""
+    positions = np.asarray(positions, dtype=np.float64)
+    if positions.ndim != 2 or positions.shape[1] not in (2, 3):
+        raise ValueError(f"delaunay expects positions of shape (N, 2) or (N, 3), got {positions.shape}")
+    return _delaunay_edges(positions)
+
+
+def knn_edges(positions: np.ndarray, k: int) -> np.ndarray:
+    """Undirected edges (E, 2) of the symmetric k-nearest-neighbour graph: i and j are linked
+    when either is among the other's ``k`` nearest (Euclidean; ties broken by index)."""
+    positions = np.asarray(positions, dtype=np.float64)
+    if positions.ndim != 2:
+        raise ValueError(f"knn expects positions of shape (N, d), got {positions.shape}")
+    if k < 1:
+        raise ValueError(f"knn needs k >= 1 neighbours, got {k}")
+    n = positions.shape[0]
+    k = min(k, n - 1)
+    if k < 1:
+        return np.zeros((0, 2), dtype=np.int64)
+    dist = np.linalg.norm(positions[:, None] - positions[None], axis=-1)
+    np.fill_diagonal(dist, np.inf)
+    nearest = np.argsort(dist, axis=1, kind="stable")[:, :k]
+    return np.stack([np.repeat(np.arange(n), k), nearest.ravel()], 1)
 
 
 def grid_positions(height: int, width: int) -> np.ndarray:

@@ -76,6 +76,33 @@ class RouterPCULayer(nn.Module):
         return F.gelu(h_self + agg), gate_mean
 
 
+def run_levels(model: nn.Module, h: torch.Tensor, sc, backend) -> tuple[list[torch.Tensor], list]:
+    """AFMP's bottom-up and top-down passes over embedded tokens ``h`` (B, N, D), for any
+    model with AFMP's ``cfg``, ``layers`` and ``top_down`` (the grid model here, the point-set
+    model in afmp.models.points): (each level's states after the top-down pass, each
+    layer's gate means (B, N, K)). The readout takes level 0 with the top-down pass, else
+    the top level."""
+    # Bottom-up: layer l reads H = output of layer l-1 and the predictive signal
+    # T = output of layer l-2 (the embedding counts as output 0; the first layer has none).
+    states, gate_means = [h], []
+    for layer in model.layers:
+        h, gate_mean = layer(states[-1], states[-2] if len(states) >= 2 else None, sc, backend)
+        states.append(h)
+        gate_means.append(gate_mean)
+    levels = states[1:]
+    # Top-down: from the top level down, so that the bottom level is refined by every higher one.
+    if model.cfg.use_top_down:
+        for l in range(len(levels) - 2, -1, -1):
+            levels[l] = levels[l] + model.top_down[l](levels[l + 1])
+    return levels, gate_means
+
+
+def mean_gate(gate_means: list[torch.Tensor], num_edges) -> torch.Tensor:
+    """Each layer's mean gate over ``num_edges`` real edges (gates are exactly 0 elsewhere),
+    averaged over layers: what the sparsity loss weighs."""
+    return torch.stack([g.sum() for g in gate_means]).mean() / num_edges
+
+
 class AFMP(ClassifierMixin, nn.Module):
     @dataclass
     class Config:
@@ -189,30 +216,14 @@ class AFMP(ClassifierMixin, nn.Module):
         tokens, grid = self.patch_embed(x)
         sc = self._scaffold(grid, x.device)
         backend = select_edge_backend(self.cfg.backend, x.device, sc)
-        h = tokens + self.pos_embed(grid_centres(*grid, device=x.device).to(tokens.dtype))
+        centres = grid_centres(*grid, device=x.device).to(tokens.dtype)
 
-        # Bottom-up: layer l reads H = output of layer l-1 and the predictive signal
-        # T = output of layer l-2 (the embedding counts as output 0; the first layer has none).
-        states, gate_means = [h], []
-        for layer in self.layers:
-            h, gate_mean = layer(states[-1], states[-2] if len(states) >= 2 else None, sc, backend)
-            states.append(h)
-            gate_means.append(gate_mean)
-        levels = states[1:]
-
-        # Top-down: from the top level down; the readout then consumes the bottom level,
-        # which every higher level has refined. Without it, the readout takes the top level.
-        if self.cfg.use_top_down:
-            for l in range(len(levels) - 2, -1, -1):
-                levels[l] = levels[l] + self.top_down[l](levels[l + 1])
-            out = levels[0]
-        else:
-            out = levels[-1]
+        levels, gate_means = run_levels(self, tokens + self.pos_embed(centres), sc, backend)
+        out = levels[0] if self.cfg.use_top_down else levels[-1]
         if not return_aux:
             return out
-        num_edges = sc.num_edges
-        mean_gate = torch.stack([g.sum() for g in gate_means]).mean() / (x.shape[0] * max(num_edges, 1))
-        sparsity_loss = self.cfg.lambda_sparse * mean_gate
+        # The mean gate over every real edge of the batch, averaged over layers.
+        sparsity_loss = self.cfg.lambda_sparse * mean_gate(gate_means, x.shape[0] * max(sc.num_edges, 1))
         aux = {
             "losses": {
                 "sparsity": sparsity_loss

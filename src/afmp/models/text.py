@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from afmp.data.text import PAD_ID
-from afmp.layers import ClassifierMixin, init_linear_weights, make_head
+from afmp.layers import ClassifierMixin, init_linear_weights, make_head, masked_mean
 from afmp.registry import check_positive_ints, register_model
 
 
@@ -41,14 +41,6 @@ def check_tokens(x: torch.Tensor, vocab_size: int) -> None:
         lo, hi = (int(v) for v in torch.aminmax(x))
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"expected token ids in [0, {vocab_size}), got values in [{lo}, {hi}]")
-
-
-def masked_mean(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean over the valid tokens of each sequence (B, L, D) -> (B, D); a sequence with none gives 0."""
-    if mask is None:
-        return h.mean(1)
-    m = mask.unsqueeze(-1).to(h.dtype)
-    return (h * m).sum(1) / m.sum(1).clamp_min(1)
 
 
 class TextClassifier(ClassifierMixin, nn.Module):

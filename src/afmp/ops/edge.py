@@ -28,9 +28,13 @@ from afmp.scaffold import Scaffold
 def gather_neighbours(x: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
     """(B, N, C) per-token rows -> (B, N, K, C) rows of each token's neighbours.
 
-    Same values as ``x[:, nbr]``; index_select's backward is an index_add, which on the
-    CPU is about twice as fast as the accumulating index_put behind advanced indexing.
+    ``nbr`` is (N, K), the same lists for every example (same values as ``x[:, nbr]``), or
+    (B, N, K) rows of the flattened (B*N, C) batch, one scaffold per example (point sets,
+    afmp.models.points). index_select's backward is an index_add, which on the CPU is
+    about twice as fast as the accumulating index_put behind advanced indexing.
     """
+    if nbr.dim() == 3:
+        return x.reshape(-1, x.shape[-1]).index_select(0, nbr.reshape(-1)).view(*nbr.shape, x.shape[-1])
     return x.index_select(1, nbr.reshape(-1)).unflatten(1, nbr.shape)
 
 
@@ -81,17 +85,36 @@ def padded_gated_aggregate(
     return out, gates.mean(-1)
 
 
-def topk_keep(s: torch.Tensor, mask: torch.Tensor, num_edges: int, sparsity: float) -> torch.Tensor:
+def topk_keep(
+    s: torch.Tensor, mask: torch.Tensor, num_edges: int | torch.Tensor, sparsity: float
+) -> torch.Tensor:
     """Per image, keep the highest-scoring ``1 - sparsity`` of the ``num_edges`` valid edges.
 
     Exactly ``num_edges - round(sparsity * num_edges)`` edges survive in every image;
     the threshold is never shared across the batch. ``num_edges`` is a Python int
-    (``mask.sum()``, known when the scaffold is built) so compilation sees a constant.
+    (``mask.sum()``, known when the scaffold is built) so compilation sees a constant, or
+    a (B,) tensor when every example has a scaffold of its own (point sets).
     """
     if sparsity <= 0:
         return mask.expand_as(s)
+    if isinstance(num_edges, torch.Tensor):
+        return _topk_keep_per_example(s, mask, num_edges, sparsity)
     n_keep = num_edges - round(sparsity * num_edges)
     flat = s.detach().masked_fill(~mask, float("-inf")).flatten(1)
     idx = flat.topk(n_keep, dim=1, sorted=False).indices
     keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, idx, True)
+    return keep.view_as(s)
+
+
+def _topk_keep_per_example(s, mask, num_edges: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """``topk_keep`` with example b keeping ``E_b - round(sparsity * E_b)`` of its E_b edges.
+
+    One descending sort of each example's scores; the first n_keep_b positions survive.
+    (torch.round rounds half to even, as Python's round does for the int case.)
+    """
+    n_keep = num_edges - torch.round(sparsity * num_edges.double()).long()
+    flat = s.detach().masked_fill(~mask, float("-inf")).flatten(1)
+    order = flat.argsort(dim=1, descending=True)
+    survives = torch.arange(flat.shape[1], device=s.device) < n_keep.unsqueeze(1)
+    keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, order, survives)
     return keep.view_as(s)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from afmp.training.losses import auxiliary_loss
+from afmp.utils.runtime import to_device
 
 
 def search_batch_size(fits: Callable[[int], bool], max_batch: int, *, multiple_of: int = 8) -> int:
@@ -125,11 +126,11 @@ def find_batch_size(
 
 def example_batches(model, data_args: dict, device) -> Callable[[int], tuple]:
     """``make_batch(b)``: the model's example input at the data's largest size, with random labels."""
-    size = data_args.get("max_len") or data_args.get("img_size")
+    size = data_args.get("max_len") or data_args.get("img_size") or data_args.get("max_points")
     num_classes = max(1, int(data_args.get("num_classes", 1)))
 
     def make_batch(b: int):
-        inputs = model.example_input(b, size).to(device)
+        inputs = to_device(model.example_input(b, size), device)
         return inputs, torch.randint(0, num_classes, (b,), device=device)
 
     return make_batch

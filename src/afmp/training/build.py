@@ -21,7 +21,7 @@ from afmp.training.epoch import cached_peak_flops, flops_per_train_image, make_s
 from afmp.training.prepare import Setup
 from afmp.training.run import EpochHook, Progress, TrainingRun
 from afmp.utils.files import atomic_write
-from afmp.utils.runtime import busy_warning, machine_state
+from afmp.utils.runtime import batch_elements, busy_warning, machine_state
 
 
 def make_loader(setup: Setup, split, sampler) -> DataLoader:
@@ -52,7 +52,7 @@ def build_run(setup: Setup, on_epoch: EpochHook | None = None) -> TrainingRun:
     flops_per_image = flops_per_train_image(model, example)
     # Sequences are fed padded to their batch's longest, not to the data's longest (the
     # example's length): MFU scales the count by the length fed, taking FLOPs as linear in it.
-    example_size = example(1)[0].numel()
+    example_size = batch_elements(example(1)[0])
     model = ddp.wrap(model, env, device)
     if cfg.compile:  # the training steps only; validation and test run the plain module
         model = torch.compile(model)

@@ -18,7 +18,7 @@ from afmp.training import distributed as ddp
 from afmp.training.checkpoint import unwrap
 from afmp.training.config import TrainConfig
 from afmp.training.losses import auxiliary_loss
-from afmp.utils.runtime import autocast, to_device
+from afmp.utils.runtime import autocast, batch_elements, to_device
 
 
 def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
@@ -136,7 +136,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, device, de
         totals["sparsity"] += float(reg.detach()) * n
         totals["correct"] += (logits.argmax(-1) == labels).sum().item()
         totals["seen"] += n
-        totals["elements"] += inputs.numel()
+        totals["elements"] += batch_elements(inputs)
     totals = dict(zip(totals, ddp.all_reduce_sum(list(totals.values()), device)))  # over ranks
     seen = max(totals["seen"], 1)
     return EpochStats(

@@ -41,10 +41,17 @@ def autocast(device: torch.device, enabled: bool):
 
 
 def to_device(batch, device: torch.device):
-    """Move a tensor, or the tensors of a (nested) list or tuple, to ``device``."""
+    """Move a tensor, or the tensors of a (nested) list, tuple or dict (a point-set batch), to ``device``."""
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
     return batch.to(device, non_blocking=True) if isinstance(batch, torch.Tensor) else batch
+
+
+def batch_elements(batch) -> int:
+    """Elements of an input batch as fed: a tensor's, or a point-set batch's features."""
+    return batch["features"].numel() if isinstance(batch, dict) else batch.numel()
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
