@@ -409,3 +409,16 @@ def test_bench_records_threads_and_load_and_warns_when_the_machine_is_busy(tmp_p
     monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 1.0, 1.0))
     assert afmp_cli.main([*argv, "--warmup", "0", "--device", "cpu", "--out", str(out)]) == 0
     assert "warning" not in capsys.readouterr().out
+
+
+def test_a_point_set_model_is_benched_at_its_points_per_set():
+    from afmp.bench import scaling
+
+    spec = scaling.parse_spec("afmp_points")
+    assert scaling.size_field("afmp_points") == scaling.POINTS
+    bm = scaling.build(spec, 20, 10, {}, torch.device("cpu"))
+    assert bm.tokens == 20 and bm.returns_aux
+    cfg = scaling.BenchConfig(models=["afmp_points"], resolutions=[20], precision="cast", dtype="bfloat16")
+    x = scaling.make_input(bm, 3, cfg)
+    assert x["features"].shape == (3, 20, 3) and x["features"].dtype == torch.bfloat16
+    assert x["neighbors"].dtype == torch.long and x["valid"].dtype == torch.bool  # only floats are cast

@@ -163,3 +163,27 @@ def test_a_point_model_names_what_it_takes():
     x = model.example_input(2)
     with pytest.raises(ValueError, match="'positions' has shape"):
         model(dict(x, positions=x["positions"][..., :1]))
+
+
+def test_the_length_unit_is_the_mean_nearest_neighbour_distance():
+    line = np.array([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0]])  # nearest: 1, 1, 2 -> unit 4/3
+    g = point_graph(line)
+    assert g["length"][0][g["mask"][0]].tolist() == pytest.approx([0.75])
+    assert sorted(g["length"][2][g["mask"][2]].tolist()) == pytest.approx([1.5])
+
+
+def test_bbox_frame_maps_the_largest_side_onto_the_unit_interval():
+    from afmp.models.points.afmp_sets import bbox_frame
+
+    positions = torch.tensor([[[1.0, 1.0], [5.0, 3.0], [99.0, -99.0]]])
+    valid = torch.tensor([[True, True, False]])  # the padding token's position is ignored
+    assert bbox_frame(positions, valid).tolist() == [[[0.0, 0.0], [1.0, 0.5], [0.0, 0.0]]]
+
+
+def test_the_sparsity_loss_averages_gates_over_every_real_edge_of_the_batch():
+    torch.manual_seed(0)
+    model = afmp.create_model("afmp_points", d_model=16, k_dim=8, score_hidden=8, lambda_sparse=0.5)
+    x = example_point_batch(3, 3, 2, num_points=10, ragged=True)
+    _, aux = model(x, return_aux=True)
+    per_layer = torch.stack([g.sum() for g in aux["gates"]]) / x["mask"].sum()  # 3 sets of unequal E_b
+    torch.testing.assert_close(aux["sparsity_loss"], 0.5 * per_layer.mean())

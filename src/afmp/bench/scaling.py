@@ -115,6 +115,9 @@ class BenchModel:
     returns_aux: bool  # forward(x, return_aux=True) -> (logits, aux)
 
 
+POINTS = "points"  # what a point-set model's size is: its points per set (``--resolutions``)
+
+
 def size_field(name: str) -> str | None:
     """The Config field a registered model is scaled through (None for baselines)."""
     if name in BASELINES:
@@ -123,6 +126,8 @@ def size_field(name: str) -> str | None:
     for candidate in ("img_size", "max_len"):
         if candidate in fields:
             return candidate
+    if "pos_dim" in fields:  # a point-set model: the size is the points per set, not a Config field
+        return POINTS
     raise ValueError(f"model {name!r} has neither img_size nor max_len in its Config; it cannot be scaled")
 
 
@@ -138,7 +143,8 @@ def build(spec: Spec, size: int, num_classes: int, model_opts: dict, device: tor
     opts = {k: v for k, v in model_opts.items() if k in fields}
     if "num_classes" in fields:
         opts["num_classes"] = num_classes
-    module = create_model(spec.name, **{**opts, **spec.options, sized: size})
+    sized_opt = {} if sized == POINTS else {sized: size}
+    module = create_model(spec.name, **{**opts, **spec.options, **sized_opt})
     return registered_bench_model(module.to(device), sized, size)
 
 
@@ -156,7 +162,12 @@ def precision_context(cfg: BenchConfig, device: torch.device):
 
 
 def make_input(bm: BenchModel, batch: int, cfg: BenchConfig) -> torch.Tensor:
-    x = bm.make_input(batch)
+    return cast_input(bm.make_input(batch), cfg)
+
+
+def cast_input(x, cfg: BenchConfig):
+    if isinstance(x, dict):  # a point-set batch
+        return {key: cast_input(value, cfg) for key, value in x.items()}
     return x.to(DTYPES[cfg.dtype]) if cfg.precision == "cast" and x.is_floating_point() else x
 
 
