@@ -41,12 +41,49 @@ SHAPES = {
 }
 FAMILIES = {
     "matmul": ("mm", "addmm", "bmm", "baddbmm", "addmv", "mv", "dot", "convolution", "convolution_backward"),
-    "gather/scatter": ("index_select", "index_add", "index_add_", "index_copy", "gather", "scatter", "scatter_",
-                       "scatter_add", "index", "index_put_", "_index_put_impl_", "embedding"),  # fmt: skip
+    "gather/scatter": (
+        "index_select",
+        "index_add",
+        "index_add_",
+        "index_copy",
+        "gather",
+        "scatter",
+        "scatter_",
+        "scatter_add",
+        "index",
+        "index_put_",
+        "_index_put_impl_",
+        "embedding",
+    ),  # fmt: skip
     "top-k": ("topk", "sort", "kthvalue"),
-    "copy/alloc": ("copy_", "clone", "contiguous", "empty", "empty_like", "empty_strided", "zeros", "zeros_like",
-                   "new_zeros", "new_empty", "fill_", "zero_", "cat", "stack", "_to_copy", "resize_"),  # fmt: skip
-    "reduction": ("sum", "mean", "linalg_vector_norm", "norm", "amax", "max", "_log_softmax", "nll_loss_forward"),
+    "copy/alloc": (
+        "copy_",
+        "clone",
+        "contiguous",
+        "empty",
+        "empty_like",
+        "empty_strided",
+        "zeros",
+        "zeros_like",
+        "new_zeros",
+        "new_empty",
+        "fill_",
+        "zero_",
+        "cat",
+        "stack",
+        "_to_copy",
+        "resize_",
+    ),  # fmt: skip
+    "reduction": (
+        "sum",
+        "mean",
+        "linalg_vector_norm",
+        "norm",
+        "amax",
+        "max",
+        "_log_softmax",
+        "nll_loss_forward",
+    ),
 }
 
 
@@ -91,13 +128,17 @@ def profile_shape(label: str, batch: int, backend: str, warmup: int, repeats: in
         wall = time.perf_counter() - started
     events = prof.events()
     row["profiler_step"] = sum(e.name.startswith("aten::") for e in events)
-    row["allocating_ops"] = sum(1 for e in events if e.name.startswith("aten::") and e.self_cpu_memory_usage > 0)
+    row["allocating_ops"] = sum(
+        1 for e in events if e.name.startswith("aten::") and e.self_cpu_memory_usage > 0
+    )
     shares = {}
     for e in events:
         shares[family(e.name)] = shares.get(family(e.name), 0.0) + e.self_cpu_time_total / 1e6
     shares["autograd + python"] = shares.get("autograd + python", 0.0) + max(0.0, wall - sum(shares.values()))
     total = sum(shares.values())
-    row.update({f: 100 * shares.get(f, 0.0) / total for f in [*FAMILIES, "elementwise + other", "autograd + python"]})
+    row.update(
+        {f: 100 * shares.get(f, 0.0) / total for f in [*FAMILIES, "elementwise + other", "autograd + python"]}
+    )
     return row
 
 
@@ -113,14 +154,18 @@ def main() -> int:
     unknown = [s for s in labels if s not in SHAPES]
     if unknown:
         parser.error(f"unknown shape(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, backend {args.backend}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, backend {args.backend}"
+    )
     columns = ["ops_forward", "ops_step", "profiler_forward", "profiler_step", "step_ms", "allocating_ops",
                *FAMILIES, "elementwise + other", "autograd + python"]  # fmt: skip
     print("| shape | " + " | ".join(columns) + " |")
     print("|" + "---|" * (len(columns) + 1))
     for label in labels:
         small = label.startswith("small")  # seconds a step on a CPU: fewer repeats
-        row = profile_shape(label, args.batch_size, args.backend, 1 if small else args.warmup, 2 if small else args.repeats)
+        row = profile_shape(
+            label, args.batch_size, args.backend, 1 if small else args.warmup, 2 if small else args.repeats
+        )
         cells = [f"{row[c]:.0f}" if c in ("ops_forward", "ops_step", "profiler_forward", "profiler_step", "allocating_ops")
                  else f"{row[c]:.1f}" for c in columns]  # fmt: skip
         print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
