@@ -35,8 +35,8 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
 
 
-def _unreadable(path, err: BaseException) -> UsageError:
-    return UsageError(f"{path} is not an image Pillow can read, or is truncated ({_one_line(err)})")
+def _unreadable(path, err: BaseException, what: str) -> UsageError:
+    return UsageError(f"{path} {what} ({_one_line(err)})")
 
 
 def image_mode(path: str | Path) -> str:
@@ -45,7 +45,7 @@ def image_mode(path: str | Path) -> str:
         with Image.open(path) as image:
             return image.mode
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError... for damaged files
-        raise _unreadable(path, err) from None
+        raise _unreadable(path, err, "is not an image Pillow can read") from None
 
 
 def open_image(path: str | Path) -> Image.Image:
@@ -55,8 +55,8 @@ def open_image(path: str | Path) -> Image.Image:
         with Image.open(path) as image:
             image.load()
             return image.copy()  # closing the file frees a loaded image's pixels
-    except Exception as err:
-        raise _unreadable(path, err) from None
+    except Exception as err:  # the header read, the pixels did not: a truncated or damaged file
+        raise _unreadable(path, err, "is truncated or damaged: Pillow cannot decode it") from None
 
 
 def is_grey(mode: str) -> bool:
