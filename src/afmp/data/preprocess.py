@@ -52,11 +52,15 @@ def open_image(path: str | Path) -> Image.Image:
     """``path`` decoded whole (so a truncated file fails here, not in the middle of training);
     a UsageError naming the file when Pillow cannot read it."""
     try:
-        with Image.open(path) as image:
+        image = Image.open(path)
+    except Exception as err:
+        raise _unreadable(path, err, "is not an image Pillow can read") from None
+    with image:
+        try:
             image.load()
-            return image.copy()  # closing the file frees a loaded image's pixels
-    except Exception as err:  # the header read, the pixels did not: a truncated or damaged file
-        raise _unreadable(path, err, "is truncated or damaged: Pillow cannot decode it") from None
+        except Exception as err:  # the header read, the pixels did not: a truncated or damaged file
+            raise _unreadable(path, err, "is truncated or damaged: Pillow cannot decode it") from None
+        return image.copy()  # closing the file frees a loaded image's pixels
 
 
 def is_grey(mode: str) -> bool:
