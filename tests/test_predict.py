@@ -158,3 +158,17 @@ def test_bad_inputs_are_one_line_errors_with_nothing_written(run, tmp_path, caps
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and says in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.png", "notes"]
+
+
+def test_a_run_that_recorded_no_preprocessing_is_refused_not_guessed(run, tmp_path, capsys):
+    _, out = run
+    old = tmp_path / "old-run"  # as a run saved before model.json kept its data's statistics
+    old.mkdir()
+    (old / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+    spec = json.loads((out / "model.json").read_text())
+    del spec["pretrained_cfg"]
+    (old / "model.json").write_text(json.dumps(spec))
+    image = next((run[0] / "test" / "red").iterdir())
+    assert cli.main(["predict", "--checkpoint", str(old), str(image)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.json: the checkpoint records no mean and std" in err

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from afmp.data.preprocess import Preprocess, open_image
-from afmp.training.checkpoint import load_checkpoint
+from afmp.training.checkpoint import load_checkpoint, saved_pretrained_cfg
 from afmp.training.config import run_settings
 from afmp.utils.errors import UsageError, usage_errors
 from afmp.utils.files import write_csv, write_json
@@ -45,14 +45,15 @@ class Predictor:
             directory = Path(directory)
             dev = resolve_device(device)
             model = load_checkpoint(directory, device=dev).eval()
-            cfg = model.pretrained_cfg
             if not hasattr(model.cfg, "img_size"):
                 raise UsageError(f"{directory}'s model {model.model_name} reads token sequences, not images")
+            # What the run recorded, never the preset's defaults (another data set's statistics).
+            cfg = saved_pretrained_cfg(directory / "model.json") or {}
             try:
                 preprocess = Preprocess.from_pretrained_cfg(cfg, model.cfg.img_size, model.cfg.in_chans)
             except UsageError as err:
                 raise UsageError(
-                    f"{directory / 'model.json'}: {err} (it was trained before afmp kept them with the "
+                    f"{directory / 'model.json'}: {err} (it was saved before afmp kept them with the "
                     "weights): train it again to predict files with it"
                 ) from None
             names = cfg.get("label_names") or [str(i) for i in range(model.num_classes)]

@@ -69,10 +69,17 @@ def load_checkpoint(
     model.load_state_dict(read_weights(weights_path, spec_path, device))
     # What the data set recorded at training time (mean, std, label_names, how files are
     # resized) replaces the preset's defaults; the input size stays the model's.
-    saved = _read_spec(spec_path).get("pretrained_cfg")
-    if isinstance(saved, dict):
+    saved = saved_pretrained_cfg(spec_path)
+    if saved is not None:
         model.pretrained_cfg.update({k: v for k, v in saved.items() if k != "input_size"})
     return model.to(device)
+
+
+def saved_pretrained_cfg(spec_path: str | os.PathLike) -> dict | None:
+    """The data's pretrained_cfg a run saved with its weights; None for a checkpoint saved
+    without one (before afmp kept it, or by save_checkpoint outside a run)."""
+    saved = _read_spec(spec_path).get("pretrained_cfg")
+    return saved if isinstance(saved, dict) else None
 
 
 def read_weights(weights_path: Path, spec_path: Path, device="cpu") -> dict:
