@@ -11,7 +11,7 @@ from PIL import Image
 import afmp_cli as cli
 from afmp.data import build_dataset
 from afmp.data import folder as folder_module
-from afmp.data.preprocess import Preprocess
+from afmp.data.preprocess import Preprocess, open_image
 from afmp.utils.errors import UsageError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,6 +50,13 @@ def test_squash_resizes_both_sides_and_grey_models_read_one_channel():
     assert Preprocess(2, 1, (0.0,), (1.0,), "center", "nearest").pixels(image).tolist() == [
         [[20, 30], [20, 30]]
     ]
+
+
+def test_sixteen_bit_grey_is_scaled_to_eight_bits_not_clipped(tmp_path):
+    path = tmp_path / "g16.png"
+    Image.fromarray(np.array([[0, 255, 256, 65535]], dtype=np.uint16)).save(path)
+    pixels = Preprocess(4, 1, (0.0,), (1.0,), "squash", "nearest").pixels(open_image(path))
+    assert pixels.tolist() == [[[0, 0, 1, 255]] * 4]  # the high byte of each; rows repeated
 
 
 def test_mean_and_std_are_the_training_images_and_computed_once(tmp_path, cache, monkeypatch):

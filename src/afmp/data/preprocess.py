@@ -111,6 +111,9 @@ class Preprocess:
 
     def pixels(self, image: Image.Image) -> np.ndarray:
         """(C, S, S) uint8: the image converted and resized, before normalisation."""
+        if image.mode.startswith("I"):  # 16-bit grey (PNG, TIFF): Pillow's convert would clip at 255
+            wide = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+            image = Image.fromarray((wide >> 8).astype(np.uint8))
         image = image.convert("RGB" if self.in_chans == 3 else "L")
         size, (width, height) = self.img_size, image.size
         resample = INTERPOLATIONS[self.interpolation]
