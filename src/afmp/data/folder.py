@@ -273,7 +273,9 @@ def imagefolder(
             "classes": class_names,
             "images": {split: len(samples[split]) for split in SPLITS},
             # The held-out splits, so the run says which files it validated and tested on.
-            "held_out_of_train": {"split_seed": SPLIT_SEED, "stratified": True, **held_out},
+            "held_out_of_train": {"split_seed": SPLIT_SEED, "stratified": True, **held_out}
+            if held_out
+            else None,
             "grey_read_as_rgb": checked["grey"],
         },
     )
