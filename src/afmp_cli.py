@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("afmp.commands.models", "list the registered models"),
     "train": ("afmp.commands.train", "train a registered model on a data set"),
     "eval": ("afmp.commands.evaluate", "evaluate a checkpoint: confusion matrix and per-class accuracy"),
+    "predict": ("afmp.commands.predict", "the top classes of image files, by a trained run"),
     "compare": ("afmp.commands.compare", "one table of runs: params, FLOPs, latency, accuracy"),
     "bench": (
         "afmp.bench.cli",

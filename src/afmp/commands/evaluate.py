@@ -17,30 +17,16 @@ import argparse
 from pathlib import Path
 
 import torch
-import yaml
 
 from afmp.data import build_dataset
 from afmp.training.checkpoint import load_checkpoint
-from afmp.utils.errors import UsageError, usage_errors
+from afmp.training.config import run_settings
+from afmp.utils.errors import usage_errors
 from afmp.utils.files import save_png, write_csv, write_json
 from afmp.utils.runtime import autocast, resolve_device, to_device
 
 
 # -- afmp eval ------------------------------------------------------------------------------
-def run_settings(directory: Path) -> dict:
-    """The run's resolved TrainConfig (config.yaml), or {} if it has none."""
-    path = directory / "config.yaml"
-    if not path.is_file():
-        return {}
-    try:
-        settings = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UsageError(f"{path} is not valid YAML ({err})") from err
-    if not isinstance(settings, dict):
-        raise UsageError(f"{path}: expected a mapping of training settings")
-    return settings
-
-
 @torch.no_grad()
 def confusion_matrix(model, loader, num_classes: int, device, amp: bool = True) -> torch.Tensor:
     """(num_classes, num_classes) counts; row = true class, column = predicted class."""

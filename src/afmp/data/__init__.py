@@ -7,7 +7,7 @@ vocabulary size). Loaders for each family live in their own module and
 register themselves with ``@register_dataset``.
 """
 
-from afmp.data import images, listops, points, text, vision  # noqa: E402, F401  (each registers its data sets)
+from afmp.data import folder, images, listops, points, text, vision  # noqa: E402, F401  (each registers its data sets)
 from afmp.data.base import (  # noqa: F401  (the package's API)
     COMMON_OPTIONS,
     DATASETS,

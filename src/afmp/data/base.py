@@ -29,6 +29,19 @@ class DataBundle:
     std: tuple[float, ...] | None = None
     collate_fn: Callable | None = None
     info: dict = field(default_factory=dict)
+    # How files become inputs, in timm's pretrained_cfg keys (crop_mode, interpolation...):
+    # for a data set read from image files, so that `afmp predict` reads new ones the same way.
+    input_cfg: dict = field(default_factory=dict)
+
+    def pretrained_cfg(self) -> dict:
+        """What a model trained on this data keeps with its weights (timm's pretrained_cfg keys):
+        the normalisation, the class names and how files are resized."""
+        out = dict(self.input_cfg)
+        if self.mean is not None and self.std is not None:
+            out["mean"], out["std"] = list(self.mean), list(self.std)
+        if self.class_names is not None:
+            out["label_names"] = list(self.class_names)
+        return out
 
 
 class DataUnavailable(UsageError):

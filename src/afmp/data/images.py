@@ -53,21 +53,29 @@ class TensorImages(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int):
-        x = self.images[i]
-        if self.degrees or self.scale:
-            angle = self.degrees * (2 * torch.rand(()).item() - 1)
-            zoom = 1 + self.scale * (2 * torch.rand(()).item() - 1)
-            x = rotate_and_zoom(x, angle, zoom, self.fill)
-        if self.crop_padding:
-            p = self.crop_padding
-            h, w = x.shape[-2:]
-            padded = self.fill[:, None, None].expand(x.shape[0], h + 2 * p, w + 2 * p).clone()
-            padded[:, p : p + h, p : p + w] = x
-            top, left = torch.randint(0, 2 * p + 1, (2,)).tolist()
-            x = padded[:, top : top + h, left : left + w]
-        if self.flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x, self.labels[i]
+        return augment_image(
+            self.images[i], self.crop_padding, self.flip, self.degrees, self.scale, self.fill
+        ), self.labels[i]
+
+
+def augment_image(
+    x: torch.Tensor, crop_padding: int, flip: bool, degrees: float, scale: float, fill
+) -> torch.Tensor:
+    """TensorImages' augmentation of one normalised (C, H, W) image (any of it may be off)."""
+    if degrees or scale:
+        angle = degrees * (2 * torch.rand(()).item() - 1)
+        zoom = 1 + scale * (2 * torch.rand(()).item() - 1)
+        x = rotate_and_zoom(x, angle, zoom, fill)
+    if crop_padding:
+        p = crop_padding
+        h, w = x.shape[-2:]
+        padded = fill[:, None, None].expand(x.shape[0], h + 2 * p, w + 2 * p).clone()
+        padded[:, p : p + h, p : p + w] = x
+        top, left = torch.randint(0, 2 * p + 1, (2,)).tolist()
+        x = padded[:, top : top + h, left : left + w]
+    if flip and torch.rand(()) < 0.5:
+        x = x.flip(-1)
+    return x
 
 
 def rotate_and_zoom(x: torch.Tensor, degrees: float, zoom: float, fill: torch.Tensor) -> torch.Tensor:

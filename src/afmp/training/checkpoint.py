@@ -2,7 +2,9 @@
 
 ``DIR/model.safetensors`` holds the uncompiled module's state and ``DIR/model.json``
 the registered name, the full config and the format version, so the model can be
-rebuilt from the directory alone: ``afmp.load_checkpoint(DIR)``.
+rebuilt from the directory alone: ``afmp.load_checkpoint(DIR)``. A run's model.json also
+holds ``pretrained_cfg``: its data's mean, std, class names (``label_names``) and resizing,
+which the loaded model's ``pretrained_cfg`` takes.
 
 Format versions (``FORMAT``): 1 had no ``format`` key; 2 is written since AFMP's
 ``delaunay`` scaffold became the 6-offset triangulation. A model family whose config
@@ -65,7 +67,19 @@ def load_checkpoint(
     name, config = saved_config(spec_path)
     model = create_model(name, **{**config, **overrides})
     model.load_state_dict(read_weights(weights_path, spec_path, device))
+    # What the data set recorded at training time (mean, std, label_names, how files are
+    # resized) replaces the preset's defaults; the input size stays the model's.
+    saved = saved_pretrained_cfg(spec_path)
+    if saved is not None:
+        model.pretrained_cfg.update({k: v for k, v in saved.items() if k != "input_size"})
     return model.to(device)
+
+
+def saved_pretrained_cfg(spec_path: str | os.PathLike) -> dict | None:
+    """The data's pretrained_cfg a run saved with its weights; None for a checkpoint saved
+    without one (before afmp kept it, or by save_checkpoint outside a run)."""
+    saved = _read_spec(spec_path).get("pretrained_cfg")
+    return saved if isinstance(saved, dict) else None
 
 
 def read_weights(weights_path: Path, spec_path: Path, device="cpu") -> dict:

@@ -268,3 +268,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             f"runs/{values.get('model', TrainConfig.model)}-{values.get('dataset', TrainConfig.dataset)}"
         )
     return TrainConfig(**values)
+
+
+def run_settings(directory: Path) -> dict:
+    """The run's resolved TrainConfig (config.yaml), or {} if it has none."""
+    path = directory / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        settings = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UsageError(f"{path} is not valid YAML ({err})") from err
+    if not isinstance(settings, dict):
+        raise UsageError(f"{path}: expected a mapping of training settings")
+    return settings

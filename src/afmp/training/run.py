@@ -175,12 +175,17 @@ class TrainingRun:
         previous = self.committed
 
         def fill(folder: Path) -> None:
+            # The data's normalisation, class names and resizing go with the weights (timm's
+            # pretrained_cfg keys), so that `afmp predict` needs the run directory alone.
+            data_cfg = self.data.pretrained_cfg()
             if selected:
-                save_checkpoint(self.final, folder, "model", epoch=epoch, val_accuracy=val_acc)
+                save_checkpoint(
+                    self.final, folder, "model", epoch=epoch, val_accuracy=val_acc, pretrained_cfg=data_cfg
+                )
             else:  # the selected weights stay those of an earlier epoch
                 for name in ("model.safetensors", "model.json"):
                     shutil.copyfile(previous / name, folder / name)
-            save_checkpoint(self.model, folder, "last", epoch=epoch)
+            save_checkpoint(self.model, folder, "last", epoch=epoch, pretrained_cfg=data_cfg)
             torch.save(state, folder / "state.pt")
 
         self.committed = rundir.commit_checkpoint(self.out, epoch, fill)
