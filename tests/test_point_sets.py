@@ -57,16 +57,23 @@ def test_delaunay_in_3d_and_knn():
 
 
 def test_collate_pads_tokens_and_slots():
-    small = {"features": np.ones((2, 1), np.float32), "positions": np.zeros((2, 2), np.float32)}
-    small.update(point_graph(np.array([[0.0, 0.0], [1.0, 0.0]])))
-    big = {"features": np.ones((3, 1), np.float32), "positions": np.zeros((3, 2), np.float32)}
-    big.update(point_graph(np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])))
+    small = {"features": np.ones((3, 1), np.float32), "positions": np.zeros((3, 2), np.float32)}
+    small.update(point_graph(np.array([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0]])))  # a chain: 0-1-2
+    big = {"features": np.ones((4, 1), np.float32), "positions": np.zeros((4, 2), np.float32)}
+    big.update(point_graph(np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])))
     x, labels = collate_point_sets([(small, 1), (big, 2)])
     assert labels.tolist() == [1, 2]
-    assert x["valid"].tolist() == [[True, True, False], [True, True, True]]
-    assert x["neighbors"][0].tolist() == [[1, 0], [0, 1], [2, 2]]  # padding slots point at the token
-    assert x["mask"][0].tolist() == [[True, False], [True, False], [False, False]]
-    assert x["mask"][1].sum() == 6
+    assert x["valid"].tolist() == [[True, True, True, False], [True, True, True, True]]
+    assert x["neighbors"].shape == (2, 4, 3)  # big's token 1 or 2 has three neighbours
+    # Padding slots and the padding token point at themselves.
+    assert x["neighbors"][0].tolist() == [[1, 0, 0], [0, 2, 1], [1, 2, 2], [3, 3, 3]]
+    assert x["mask"][0].tolist() == [
+        [True, False, False],
+        [True, True, False],
+        [True, False, False],
+        [False] * 3,
+    ]
+    assert x["mask"][1].sum() == 10  # 5 edges of 4 points, both ways
 
 
 def test_topk_keeps_each_examples_own_share():
@@ -187,3 +194,42 @@ def test_the_sparsity_loss_averages_gates_over_every_real_edge_of_the_batch():
     _, aux = model(x, return_aux=True)
     per_layer = torch.stack([g.sum() for g in aux["gates"]]) / x["mask"].sum()  # 3 sets of unequal E_b
     torch.testing.assert_close(aux["sparsity_loss"], 0.5 * per_layer.mean())
+
+
+@pytest.mark.parametrize(
+    "positions, message",
+    [
+        ([[0, 0], [1, 0]], "needs at least 3 points"),
+        ([[0, 0], [1, 0], [float("nan"), 1]], "position 2 is not finite"),
+        ([[0, 0], [1, 0], [0, 1], [1, 0]], "points 1 and 3 share the position"),
+        ([[0, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0]], r"\(N, 2\) or \(N, 3\)"),
+    ],
+)
+def test_positions_no_scaffold_can_be_built_on_are_refused(positions, message):
+    with pytest.raises(ValueError, match=message):
+        point_graph(np.array(positions, dtype=np.float64))
+
+
+def test_a_batch_with_an_empty_set_is_refused():
+    model = afmp.create_model("afmp_points")
+    x = model.example_input(2)
+    with pytest.raises(ValueError, match="example 1 of the point batch marks no token valid"):
+        model(dict(x, valid=torch.tensor([[True] * 12, [False] * 12])))
+
+
+def test_reordering_a_set_reorders_its_states_and_keeps_its_logits():
+    torch.manual_seed(0)
+    model = afmp.create_model("afmp_points", d_model=16, k_dim=8, score_hidden=8).double().eval()
+    gen = np.random.default_rng(1)
+    positions = gen.random((9, 2))
+    features = gen.standard_normal((9, 3))
+    perm = gen.permutation(9)
+    examples = [
+        ({"features": f, "positions": p, **point_graph(p)}, 0)
+        for f, p in ((features, positions), (features[perm], positions[perm]))
+    ]
+    x = collate_point_sets(examples)[0]
+    states = model.forward_features(x)
+    torch.testing.assert_close(states[1], states[0][perm], rtol=1e-10, atol=1e-12)
+    logits = model(x)
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-10, atol=1e-12)

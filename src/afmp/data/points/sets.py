@@ -34,8 +34,7 @@ KEYS = ("features", "positions", "neighbors", "mask", "length")
 def point_graph(positions: np.ndarray, graph: str = "delaunay", k: int = 8) -> dict[str, np.ndarray]:
     """The scaffold of one example's ``positions`` (N, d): neighbors, mask, length (see above)."""
     positions = np.asarray(positions, dtype=np.float64)
-    if positions.ndim != 2 or positions.shape[0] < 1:
-        raise ValueError(f"positions must be (N, d) with N >= 1, got shape {positions.shape}")
+    check_positions(positions)
     if graph == "delaunay":
         edges = scaffolds.delaunay_edges(positions)
     elif graph == "knn":
@@ -52,15 +51,34 @@ def point_graph(positions: np.ndarray, graph: str = "delaunay", k: int = 8) -> d
     }
 
 
+def check_positions(positions: np.ndarray) -> None:
+    """A one-line ValueError for positions no scaffold can be built on."""
+    if positions.ndim != 2 or positions.shape[1] not in (2, 3):
+        raise ValueError(f"positions must be (N, 2) or (N, 3), got shape {positions.shape}")
+    if positions.shape[0] < 3:
+        raise ValueError(f"a point set needs at least 3 points for a scaffold, got {positions.shape[0]}")
+    if not np.isfinite(positions).all():
+        row = int(np.flatnonzero(~np.isfinite(positions).all(1))[0])
+        raise ValueError(f"position {row} is not finite: {positions[row].tolist()}")
+    distance, index = nearest(positions)
+    if (distance == 0).any():
+        row = int(np.flatnonzero(distance == 0)[0])
+        raise ValueError(f"points {row} and {int(index[row])} share the position {positions[row].tolist()}")
+
+
+def nearest(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each point's distance to its nearest other point, and that point (a k-d tree: N log N)."""
+    from scipy.spatial import cKDTree
+
+    distance, index = cKDTree(positions).query(positions, k=2)
+    # Where two points coincide, either may come first: the other one is the neighbour.
+    own = index[:, 0] == np.arange(len(positions))
+    return distance[:, 1], np.where(own, index[:, 1], index[:, 0])
+
+
 def length_unit(positions: np.ndarray) -> float:
-    """The mean distance from each point to its nearest other point (1 for a single point,
-    or when every point coincides)."""
-    if positions.shape[0] < 2:
-        return 1.0
-    dist = np.linalg.norm(positions[:, None] - positions[None], axis=-1)
-    np.fill_diagonal(dist, np.inf)
-    unit = float(dist.min(1).mean())
-    return unit if unit > 0 else 1.0
+    """The mean distance from each point to its nearest other point."""
+    return float(nearest(positions)[0].mean())
 
 
 class PointSets(Dataset):

@@ -68,6 +68,10 @@ def check_point_batch(x, in_features: int, pos_dim: int) -> None:
     for key, shape in expected.items():
         if tuple(x[key].shape) != tuple(shape):
             raise ValueError(f"point batch {key!r} has shape {tuple(x[key].shape)}, expected {tuple(shape)}")
+    if not torch.compiler.is_compiling():  # a data-dependent check: eager only
+        empty = (~x["valid"].any(1)).nonzero()
+        if len(empty):
+            raise ValueError(f"example {int(empty[0])} of the point batch marks no token valid")
 
 
 def bbox_frame(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
