@@ -72,7 +72,20 @@ def test_the_sets_keep_mnist5ks_splits_and_come_back_from_a_checked_cache(digits
     cache.write_bytes(bytes(damaged))
     rebuilt = build_dataset("mnist5k-superpixels", path=str(digits), segments=20)
     assert "damaged or incomplete; building it again" in capsys.readouterr().out
-    np.testing.assert_array_equal(rebuilt.test[0][0]["features"], example["features"])
+    np.testing.assert_allclose(rebuilt.test[0][0]["features"], example["features"], rtol=1e-6)
+    # Features standardised with the training split's own statistics, every split alike.
+    raw = sp.load_examples(cache)
+    train_raw = np.concatenate(
+        [
+            raw[i]["features"]
+            for i in sp.split_indices(20, val_fraction=0.1, test_fraction=0.2, stratify=np.arange(20) % 5)[0]
+        ]
+    ).astype(np.float64)
+    np.testing.assert_allclose(bundle.mean, train_raw.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(bundle.std, train_raw.std(0), rtol=1e-6)
+    train_now = np.concatenate([e["features"] for e in bundle.train.examples])
+    np.testing.assert_allclose(train_now.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(train_now.std(0), 1, atol=1e-5)
     x, y = bundle.collate_fn([bundle.train[i] for i in range(4)])
     assert x["features"].dtype == torch.float32 and y.shape == (4,)
 

@@ -3,8 +3,9 @@
 The graph-network benchmark's construction (Dwivedi et al., *Benchmarking Graph Neural
 Networks*, MNIST superpixels), on our offline digits: SLIC (scikit-image) cuts each 28x28
 digit into up to ``segments`` superpixels; a superpixel is a token whose features are its
-mean intensity and its centroid, and whose position is its centroid, in the patch grid's
-frame ((row + 0.5) / 28, (col + 0.5) / 28, in [0, 1]). The scaffold is each digit's own
+mean intensity and its centroid (standardised with the training split's mean and std),
+and whose position is its centroid, in the patch grid's frame ((row + 0.5) / 28,
+(col + 0.5) / 28, in [0, 1]). The scaffold is each digit's own
 Delaunay triangulation of the centroids, or its symmetric kNN graph (``graph=knn``, ``k``).
 
 The splits are mnist5k's, fixed and stratified: the same digits are test digits in both.
@@ -134,7 +135,15 @@ def mnist5k_superpixels(
         len(labels), val_fraction=val_fraction, test_fraction=test_fraction, stratify=labels
     )
     tokens = [e["features"].shape[0] for e in examples]
-    splits = [PointSets([examples[i] for i in idx], labels[idx]) for idx in (train, val, test)]
+    # Features standardised with the training split's statistics, as images are: the models
+    # without a normalisation of their own (AFMP) see inputs of unit scale.
+    seen = np.concatenate([examples[i]["features"] for i in train]).astype(np.float64)
+    mean, std = seen.mean(0), np.maximum(seen.std(0), 1e-6)
+
+    def standardised(e: dict) -> dict:
+        return {**e, "features": ((e["features"] - mean) / std).astype(np.float32)}
+
+    splits = [PointSets([standardised(examples[i]) for i in idx], labels[idx]) for idx in (train, val, test)]
     return DataBundle(
         name="mnist5k-superpixels",
         train=splits[0],
@@ -143,6 +152,8 @@ def mnist5k_superpixels(
         # max_points: the largest set, the size MFU's FLOP count is taken at (no model field).
         model_args={"in_features": len(FEATURES), "pos_dim": 2, "num_classes": 10, "max_points": max(tokens)},
         class_names=[str(i) for i in range(10)],
+        mean=tuple(mean.tolist()),
+        std=tuple(std.tolist()),
         collate_fn=collate_point_sets,
         info={
             "file": str(source),
