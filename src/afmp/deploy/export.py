@@ -94,15 +94,14 @@ def load_for_export(run: str | Path) -> tuple[nn.Module, list[str]]:
     name, config = saved_config(run / "model.json") if (run / "model.json").is_file() else (None, {})
     if name in NOT_EXPORTABLE:
         raise UsageError(f"{name} cannot be exported: {NOT_EXPORTABLE[name]}")
-    notes, overrides = [], {}
-    if "backend" in config:
-        overrides["backend"] = PORTABLE_BACKEND
-        if config["backend"] not in (PORTABLE_BACKEND, "reference"):
-            notes.append(
-                f"exported with backend={PORTABLE_BACKEND} (the run used {config['backend']}): "
-                "the same function in plain PyTorch ops, which other runtimes can run"
-            )
+    overrides = {"backend": PORTABLE_BACKEND} if "backend" in config else {}
     model = load_checkpoint(run, device="cpu", **overrides)  # a UsageError when it is no run
+    notes = []
+    if config.get("backend", "reference") not in ("reference", model.cfg.backend):
+        notes.append(
+            f"exported with backend={model.cfg.backend} (the run used {config['backend']}): "
+            "the same function in plain PyTorch ops, which other runtimes can run"
+        )
     return model.eval(), notes
 
 
