@@ -122,3 +122,18 @@ def test_bad_export_input_is_one_line_and_nothing_written(case, argv, words, tmp
     err = capsys.readouterr().err
     assert err.startswith("afmp export: error: ") and err.count("\n") == 1 and words in err, err
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["--models", "afmp_tiny", "--runs", "runs/a"], "give --models or --runs, not both"),
+        (["--repeats", "0"], "--batch-size and --repeats must be >= 1"),
+        (["--models", "no_such_model"], "unknown model 'no_such_model'"),
+    ],
+)
+def test_bad_bench_runtime_input_is_one_line_and_nothing_written(argv, words, tmp_path, capsys):
+    assert cli.main(["bench", "runtime", *argv, "--out", str(tmp_path / "bench")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("afmp bench: error: ") and err.count("\n") == 1 and words in err, err
+    assert not (tmp_path / "bench").exists()
