@@ -51,7 +51,7 @@ class RunLock:
     The lock is ``flock`` on ``out/.lock``: the kernel gives it to one process at a time and
     takes it back when that process dies, so a stale lock needs no test of whether its pid
     is alive, and two writers that both find one cannot both take it. The file's JSON (pid,
-    host) is only what the refusal message says.
+    host) is what the refusal message says, and keeps a lock left from another host.
     """
 
     def __init__(self, directory: str | os.PathLike, notify: Callable[[str], None] = print):
