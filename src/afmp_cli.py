@@ -28,6 +28,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "afmp.studies.reproduce",
         "run one of the paper's studies from a shipped config, with a report",
     ),
+    "export": (
+        "afmp.commands.export",
+        "a trained run as an ONNX file or a pt2 program, checked against PyTorch",
+    ),
     "viz": ("afmp.commands.viz", "draw a trained model's gates: graph over images, sparsity, histogram"),
     "listops": (
         "afmp.commands.listops",

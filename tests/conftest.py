@@ -24,3 +24,36 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def _hold_run_lock(out, ready) -> None:
+    import time
+
+    from afmp.training.rundir import RunLock
+
+    with RunLock(out, notify=lambda message: None):
+        ready.set()
+        time.sleep(300)  # until the test kills it
+
+
+@pytest.fixture
+def lock_holder():
+    """``hold(out)`` starts a process that takes ``out``'s run-directory lock and keeps it
+    until killed (or the test ends); returns the process once it holds the lock."""
+    import multiprocessing
+
+    fork = multiprocessing.get_context("fork")
+    started = []
+
+    def hold(out):
+        ready = fork.Event()
+        process = fork.Process(target=_hold_run_lock, args=(out, ready), daemon=True)
+        process.start()
+        started.append(process)
+        assert ready.wait(60), "the holder never took the lock"
+        return process
+
+    yield hold
+    for process in started:
+        process.kill()
+        process.join()

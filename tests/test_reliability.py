@@ -325,23 +325,73 @@ def test_a_real_kill_leaves_a_stale_lock_and_temporaries_that_resume_clears(tmp_
     assert not (out / ".lock").exists() and not list(out.rglob(".*.tmp*"))
 
 
-# -- one writer per run directory --------------------------------------------------------------
-def test_a_second_writer_is_refused_and_a_dead_ones_lock_reclaimed(tmp_path, capsys):
+# -- a crafted state.pt ------------------------------------------------------------------------
+class _RunsCode:
+    """Pickled as a call of Path.touch: a loader that runs what a pickle asks creates the file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _craft_state(folder: Path, marker: Path, kind: str) -> None:
+    """Replace a checkpoint's state.pt, and its checksum in the manifest (as an attacker would)."""
+    path = folder / "state.pt"
+    if kind == "pickled object":
+        state = torch.load(path, weights_only=True)
+        state["optimizer"] = _RunsCode(marker)
+        torch.save(state, path)
+    elif kind == "no optimizer":
+        state = torch.load(path, weights_only=True)
+        del state["optimizer"]
+        torch.save(state, path)
+    else:
+        path.write_bytes(b"not a state file")
+    manifest = json.loads((folder / rundir.MANIFEST).read_text())
+    manifest["files"]["state.pt"] = rundir.sha256_file(path)
+    (folder / rundir.MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    "kind,words",
+    [
+        ("pickled object", "holds objects other than tensors, numbers and strings"),
+        ("no optimizer", "expected the state of a training run, but it has no optimizer"),
+        ("not a zip", "is not a readable state file"),
+    ],
+)
+def test_a_crafted_state_file_is_refused_in_one_line_and_never_run(
+    kind, words, tmp_path, finished_run, capsys
+):
     out = tmp_path / "run"
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        out.mkdir()
-        (out / ".lock").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
-        before = snapshot(out)
-        assert cli.main(["train", *TINY_ARGS, "--epochs", "1", "--out", str(out)]) == 2
-        err = capsys.readouterr().err
-        assert f"is being written by pid {sleeper.pid} on {socket.gethostname()}" in err
-        assert snapshot(out) == before
-    finally:
-        sleeper.kill()
-        sleeper.wait()
+    shutil.copytree(finished_run, out)
+    folder, _ = rundir.latest_checkpoint(out)
+    marker = tmp_path / "the-pickle-ran"
+    _craft_state(folder, marker, kind)
+    before = snapshot(out)
+    assert cli.main(["train", *TINY_ARGS, "--epochs", "2", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"afmp train: error: {folder / 'state.pt'}") and err.count("\n") == 1, err
+    assert words in err and "weights_only=False" not in err
+    assert not marker.exists()
+    assert snapshot(out) == before  # refused before anything was written
+
+
+# -- one writer per run directory --------------------------------------------------------------
+def test_a_second_writer_is_refused_and_a_dead_ones_lock_reclaimed(tmp_path, capsys, lock_holder):
+    out = tmp_path / "run"
+    holder = lock_holder(out)
+    before = snapshot(out)
+    assert cli.main(["train", *TINY_ARGS, "--epochs", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"is being written by pid {holder.pid} on {socket.gethostname()}" in err
+    assert snapshot(out) == before
+    holder.kill()  # its lock file stays behind; the kernel releases the lock itself
+    holder.join()
     assert cli.main(["train", *TINY_ARGS, "--epochs", "1", "--out", str(out)]) == 0
-    assert f"reclaimed {out / '.lock'}: its process (pid {sleeper.pid}) is gone" in capsys.readouterr().out
+    assert f"reclaimed {out / '.lock'}: its process (pid {holder.pid}) is gone" in capsys.readouterr().out
     assert (out / "results.json").is_file() and not (out / ".lock").exists()
 
 
@@ -368,16 +418,10 @@ def test_two_training_processes_on_one_directory(tmp_path):
         first.wait()
 
 
-def test_a_study_directory_has_one_writer_too(tmp_path, capsys):
+def test_a_study_directory_has_one_writer_too(tmp_path, capsys, lock_holder):
     out = tmp_path / "study"
-    out.mkdir()
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        (out / ".lock").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
-        argv = ["ablate", "topdown", *TINY_ARGS, "--epochs", "1", "--seeds", "1", "--out", str(out)]
-        assert cli.main(argv) == 2
-        assert f"is being written by pid {sleeper.pid}" in capsys.readouterr().err
-        assert sorted(p.name for p in out.iterdir()) == [".lock"]
-    finally:
-        sleeper.kill()
-        sleeper.wait()
+    holder = lock_holder(out)
+    argv = ["ablate", "topdown", *TINY_ARGS, "--epochs", "1", "--seeds", "1", "--out", str(out)]
+    assert cli.main(argv) == 2
+    assert f"is being written by pid {holder.pid}" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]

@@ -1,10 +1,11 @@
-"""`afmp bench [scaling|pareto|edge]`: measure what models cost, and write the numbers and plots.
+"""`afmp bench [scaling|pareto|edge|runtime]`: measure what models cost, and write the numbers and plots.
 
     afmp bench                                   # the scaling study, a default set for this device
     afmp bench scaling --models afmp_small,deit_tiny_sdpa --resolutions 64,224,448 --batch-size 64 \\
         --dtype bfloat16 --device cuda --out bench/paper    # (`afmp bench --models ...` is the same)
     afmp bench pareto --runs runs/a runs/b --out bench/pareto
     afmp bench edge --resolutions 224,448        # AFMP's edge stage alone, per backend
+    afmp bench runtime --models afmp_tiny        # batch-1 CPU latency: eager, compiled, onnxruntime
 
 Without --models/--resolutions the defaults depend on the device: on the CPU a set
 that finishes in about two minutes on two cores; on a GPU the paper's comparison
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from afmp.bench import pareto, plots, scaling
+from afmp.bench import pareto, plots, runtime, scaling
 from afmp.measure import roofline
 from afmp.utils.errors import usage_errors
 from afmp.utils.files import write_json, write_table
@@ -123,6 +124,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         ),
         "pareto": ("test accuracy of trained runs against their FLOPs and latency at batch 1 and 64", None),
         "edge": ("AFMP's per-edge stage alone, per backend: bytes moved against the copy bandwidth", None),
+        "runtime": ("CPU latency of eager PyTorch, torch.compile and the ONNX export in onnxruntime", None),
     }
     parsers = {
         name: sub.add_parser(name, help=text, description=text, argument_default=argparse.SUPPRESS)
@@ -136,6 +138,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     common_options(parsers["edge"])
     model_options(parsers["edge"])
     size_options(parsers["edge"])
+    runtime.add_arguments(parsers["runtime"])
     for parser in parsers.values():  # argument_default does not reach options given a default
         for action in parser._actions:
             action.default = argparse.SUPPRESS
@@ -168,6 +171,8 @@ def config_from_args(args: argparse.Namespace) -> scaling.BenchConfig:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.study == "runtime":  # the CPU alone, and no roofline: its own options and files
+        return runtime.main(args)
     with usage_errors():
         cfg = config_from_args(args)
         use_threads(args.threads)

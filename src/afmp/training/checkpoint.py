@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -125,3 +126,27 @@ def saved_config(spec_path: str | os.PathLike) -> tuple[str, dict]:
     upgrade = getattr(model_cls, "upgrade_config", None)
     config = upgrade(spec["config"], version) if upgrade else spec["config"]
     return spec["model"], config
+
+
+def read_state(path: Path, required: list[str], device="cpu") -> dict:
+    """A checkpoint's ``state.pt`` (optimizer, schedule, scaler, EMA, progress), read without
+    running code from it: ``weights_only`` admits tensors, numbers, strings and containers.
+    Anything else, an unreadable file or a missing entry, is one line naming the file."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message suggests weights_only=False: the one thing not to do with a file that
+        # holds more than state. Only its reason is kept ("Unsupported global: GLOBAL getattr ...").
+        reason = str(err).partition("WeightsUnpickler error:")[2].strip().split("\n")[0].split(". ")[0]
+        if "global" not in reason.lower():
+            raise UsageError(f"{path} is not a readable state file ({reason or 'damaged'})") from None
+        raise UsageError(
+            f"{path} holds objects other than tensors, numbers and strings, which afmp does not load "
+            f"(they could run code): it is not a state file afmp wrote ({reason})"
+        ) from None
+    except (OSError, RuntimeError, EOFError) as err:
+        raise UsageError(f"{path} is not a readable state file ({' '.join(str(err).split())[:200]})") from err
+    missing = [key for key in required if key not in state] if isinstance(state, dict) else required
+    if missing:
+        raise UsageError(f"{path}: expected the state of a training run, but it has no {', '.join(missing)}")
+    return state

@@ -14,8 +14,9 @@ from afmp.registry import create_model, model_args_for_data
 from afmp.training import batch_size as batch_sizing
 from afmp.training import distributed as ddp
 from afmp.training import rundir
-from afmp.training.checkpoint import model_spec, saved_config
+from afmp.training.checkpoint import model_spec, read_state, saved_config
 from afmp.training.config import TrainConfig, check_config
+from afmp.training.run import Progress
 from afmp.utils.errors import UsageError
 from afmp.utils.runtime import autocast, resolve_device, seed_everything, use_threads
 
@@ -32,6 +33,13 @@ def check_same_model(spec_path: Path, model) -> None:
         )
 
 
+def state_keys(cfg: TrainConfig) -> list[str]:
+    """What a checkpoint's state.pt must hold for this run to continue from it
+    (``TrainingRun.commit`` writes them, ``TrainingRun.resume`` reads them)."""
+    progress = [f.name for f in dataclasses.fields(Progress)]
+    return [*progress, "optimizer", "scheduler", "scaler", *(["ema"] if cfg.ema_decay else [])]
+
+
 @dataclass
 class Setup:
     """What a run needs, all of it checked; nothing written yet."""
@@ -42,6 +50,7 @@ class Setup:
     data: DataBundle
     model: torch.nn.Module
     resume_from: Path | None  # the committed checkpoint folder --resume continues
+    resume_state: dict | None  # its state.pt, read and checked
 
 
 def prepare(cfg: TrainConfig) -> Setup:
@@ -65,7 +74,7 @@ def prepare(cfg: TrainConfig) -> Setup:
             f"{cfg.dataset!r} has no lengths to group by"
         )
     model = create_model(cfg.model, **model_args_for_data(cfg.model, data.model_args, cfg.model_opts))
-    resume_from = None
+    resume_from = resume_state = None
     if cfg.resume:
         resume_from, skipped = rundir.latest_checkpoint(out)
         if resume_from is None:
@@ -78,6 +87,7 @@ def prepare(cfg: TrainConfig) -> Setup:
         for reason in skipped:
             print(f"--resume: skipping a newer checkpoint: {reason}")
         check_same_model(resume_from / "last.json", model)
+        resume_state = read_state(resume_from / "state.pt", state_keys(cfg), device)
     model = model.to(device)
     if cfg.auto_batch:
         if env.world_size > 1:
@@ -92,4 +102,4 @@ def prepare(cfg: TrainConfig) -> Setup:
             autocast=lambda: autocast(device, cfg.amp),
         )
         cfg = dataclasses.replace(cfg, batch_size=found)
-    return Setup(cfg, env, device, data, model, resume_from)
+    return Setup(cfg, env, device, data, model, resume_from, resume_state)

@@ -98,9 +98,9 @@ class TrainingRun:
     tb: Any = None  # a TensorBoard SummaryWriter, with --tensorboard
     on_epoch: EpochHook | None = None
 
-    def resume(self, folder: Path) -> None:
-        """Load weights, optimizer, schedule, scaler, EMA and Progress from a committed checkpoint."""
-        state = torch.load(folder / "state.pt", map_location=self.device, weights_only=True)
+    def resume(self, folder: Path, state: dict) -> None:
+        """Load weights, optimizer, schedule, scaler, EMA and Progress from a committed checkpoint
+        (``state``: its state.pt, read and checked by ``prepare``)."""
         unwrap(self.model).load_state_dict(
             read_weights(folder / "last.safetensors", folder / "last.json", self.device)
         )

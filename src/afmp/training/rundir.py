@@ -1,8 +1,9 @@
 """A run directory as a unit: one writer at a time, and checkpoints committed whole.
 
-- ``RunLock(out)``: ``out/.lock`` holds the writer's pid and host. A second writer is
-  refused with a message naming the holder; a lock whose process is gone (same host) is
-  reclaimed, and the user is told.
+- ``RunLock(out)``: the writer holds an OS lock (``flock``) on ``out/.lock``, a file
+  that names its pid and host. A second writer is refused with a message naming the
+  holder; a lock whose process is gone (the kernel released it) is reclaimed, and the
+  user is told.
 - ``commit_checkpoint(out, epoch, fill)``: every file of an epoch's checkpoint is
   written into a hidden folder, fsynced, listed with its SHA-256 in ``manifest.json``
   (written last), and the folder is renamed to ``out/checkpoints/epoch-NNNN`` in one
@@ -14,6 +15,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -43,55 +45,64 @@ def clean_temporaries(directory: str | os.PathLike) -> list[Path]:
 
 
 # -- one writer -----------------------------------------------------------------------------
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 class RunLock:
-    """``with RunLock(out):`` while writing ``out``; see the module's docstring."""
+    """``with RunLock(out):`` while writing ``out``; see the module's docstring.
+
+    The lock is ``flock`` on ``out/.lock``: the kernel gives it to one process at a time and
+    takes it back when that process dies, so a stale lock needs no test of whether its pid
+    is alive, and two writers that both find one cannot both take it. The file's JSON (pid,
+    host) is what the refusal message says, and keeps a lock left from another host.
+    """
 
     def __init__(self, directory: str | os.PathLike, notify: Callable[[str], None] = print):
         self.directory = Path(directory)
         self.path = self.directory / ".lock"
         self.notify = notify
         self.me = {"pid": os.getpid(), "host": socket.gethostname()}
+        self.fd: int | None = None
 
     def __enter__(self) -> RunLock:
         self.directory.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):  # a second try after reclaiming a stale lock
+        fd = self._lock_the_file()
+        left = self._holder()
+        if left is not None and left.get("host") != self.me["host"]:
+            # flock may not reach across hosts (some network file systems keep it local),
+            # so a lock left from another host is that host's to release, as before.
+            os.close(fd)
+            raise self._refusal(left)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(self.me).encode(), 0)
+        if left is not None:
+            self.notify(f"reclaimed {self.path}: its process (pid {left.get('pid')}) is gone")
+        self.fd = fd
+        return self
+
+    def _lock_the_file(self) -> int:
+        """A descriptor of ``.lock`` that holds its flock, or the UsageError naming the holder."""
+        while True:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                stale = (
-                    holder is not None
-                    and holder.get("host") == self.me["host"]
-                    and isinstance(holder.get("pid"), int)
-                    and holder["pid"] != self.me["pid"]
-                    and not _process_alive(holder["pid"])
-                )
-                if not stale:
-                    who = (
-                        f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "an unreadable lock"
-                    )
-                    raise UsageError(
-                        f"{self.directory} is being written by {who} (lock file {self.path}); "
-                        "wait for it to finish, use another --out, or delete the lock file if that "
-                        "process is gone"
-                    ) from None
-                self.path.unlink(missing_ok=True)
-                self.notify(f"reclaimed {self.path}: its process (pid {holder['pid']}) is gone")
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.me, f)
-            return self
-        raise UsageError(f"could not take the lock {self.path}: another writer took it first")
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise self._refusal(self._holder()) from None
+            # The writer before us removes the file as it leaves: if that happened between
+            # our open and our flock, we hold a file no one else will open. Open it again.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+            os.close(fd)
+
+    def _refusal(self, holder: dict | None) -> UsageError:
+        who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "another process"
+        return UsageError(
+            f"{self.directory} is being written by {who} (lock file {self.path}); "
+            "wait for it to finish, use another --out, or delete the lock file if that "
+            "process is gone"
+        )
 
     def _holder(self) -> dict | None:
         try:
@@ -101,8 +112,10 @@ class RunLock:
         return holder if isinstance(holder, dict) else None
 
     def __exit__(self, *exc) -> None:
-        if self._holder() == self.me:
-            self.path.unlink(missing_ok=True)
+        # Removed while still held, so a writer waiting on this file sees it gone (above).
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = None
 
 
 # -- checkpoints ----------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def train(cfg: TrainConfig, on_epoch: EpochHook | None = None) -> dict:
     with lock:
         run = build_run(setup, on_epoch)
         if setup.resume_from is not None:
-            run.resume(setup.resume_from)
+            run.resume(setup.resume_from, setup.resume_state)
         if setup.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(setup.device)
         data = setup.data
