@@ -168,3 +168,32 @@ def test_registry_lists_and_rejects():
         afmp.create_model("afmp_tiny", num_classes=-1)
     with pytest.raises(ValueError, match="model 'afmp_tiny' is already registered"):
         afmp.register_model("afmp_tiny", AFMP)
+
+
+@pytest.mark.parametrize(
+    ("img_size", "patch_size"),
+    [(8, 2), (28, 7), (30, 6), (11, 11), (5, 1), (64, 16)],
+)
+def test_data_fitting_keeps_afmp_tinys_4x4_grid_as_near_as_the_divisors_allow(img_size, patch_size):
+    """AFMP-Tiny is 32/8, a 4x4 grid: the patch is the divisor of the image size whose grid is
+    nearest 4, the smaller patch on a tie (30: 6 gives 5 and 10 gives 3); a prime size
+    has only 1 and itself (11: a grid of 11 is 7 away, of 1 is 3; 5: a grid of 5 is 1 away)."""
+    data = {"img_size": img_size, "in_chans": 1, "num_classes": 10, "not_a_field": 0}
+    args = afmp.registry.model_args_for_data("afmp_tiny", data, {})
+    assert args == {"img_size": img_size, "in_chans": 1, "num_classes": 10, "patch_size": patch_size}
+
+
+def test_data_fitting_leaves_the_patch_to_a_user_who_names_the_size_or_the_patch():
+    data = {"img_size": 28, "in_chans": 1, "num_classes": 10}
+    assert afmp.registry.model_args_for_data("afmp_tiny", data, {"img_size": 56}) == {**data, "img_size": 56}
+    assert afmp.registry.model_args_for_data("afmp_tiny", data, {"patch_size": 4}) == {
+        **data,
+        "patch_size": 4,
+    }
+    # A model without patches (the ConvNet) gets none, whatever the image size.
+    assert afmp.registry.model_args_for_data("convnet_resnet10t", data, {}) == data
+    text = {"vocab_size": 99, "num_classes": 4, "max_len": 10}  # no img_size: a sequence model's fields pass
+    assert afmp.registry.model_args_for_data("diffusion_text", text, {"num_iters": 2}) == {
+        **text,
+        "num_iters": 2,
+    }

@@ -3,6 +3,7 @@ batch sizing, and `afmp train` on small files written in the real formats."""
 
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -144,6 +145,42 @@ def test_diffusion_window_one_is_the_seeds_left_self_right():
     got = step.neighbour_sum(h, mask)[:, :4]
     trimmed = step.neighbour_sum(h[:, :4], mask[:, :4])
     torch.testing.assert_close(got, trimmed)
+
+
+def test_one_diffusion_step_matches_the_formula_in_float64():
+    """LayerNorm(alpha h + (1 - alpha) MLP(sum_o W_o h_{i+o})) written out token by token with
+    math, at alpha = 0.8 (so a step that swaps the two shares gives another answer); the last
+    token is padding, and the first and last positions have a neighbour beyond the sequence."""
+    torch.manual_seed(0)
+    model = create_model("diffusion_text", vocab_size=11, num_classes=3, embed_dim=4, alpha=0.8, dropout=0.0)
+    step = model.step.double().eval()
+    for p in step.norm.parameters():  # not LayerNorm's identity start, so its scale and shift count
+        torch.nn.init.normal_(p)
+    h = torch.randn(1, 5, 4, dtype=torch.float64)
+    mask = torch.tensor([[True, True, True, True, False]])
+    got = step(h, mask)[0].tolist()
+
+    def mat(linear):
+        return linear.weight.tolist(), (linear.bias.tolist() if linear.bias is not None else None)
+
+    def affine(w, b, v):
+        return [sum(wij * vj for wij, vj in zip(row, v)) + (b[i] if b else 0.0) for i, row in enumerate(w)]
+
+    tokens = [row if keep else [0.0] * 4 for row, keep in zip(h[0].tolist(), mask[0].tolist())]
+    (w1, b1), (w2, b2) = mat(step.update[0]), mat(step.update[3])
+    gamma, beta = step.norm.weight.tolist(), step.norm.bias.tolist()
+    for i in range(5):
+        s = [0.0] * 4
+        for k, offset in enumerate((-1, 0, 1)):
+            if 0 <= i + offset < 5:
+                s = [a + b for a, b in zip(s, affine(step.proj[k].weight.tolist(), None, tokens[i + offset]))]
+        hidden = [0.5 * z * (1 + math.erf(z / math.sqrt(2))) for z in affine(w1, b1, s)]  # exact GELU
+        update = affine(w2, b2, hidden)
+        v = [0.8 * a + 0.2 * u for a, u in zip(h[0, i].tolist(), update)]
+        mean = sum(v) / 4
+        var = sum((x - mean) ** 2 for x in v) / 4
+        expected = [(x - mean) / math.sqrt(var + 1e-5) * g + b for x, g, b in zip(v, gamma, beta)]
+        assert got[i] == pytest.approx(expected, abs=1e-12), f"token {i}"
 
 
 @pytest.mark.parametrize("name", TEXT_MODELS)

@@ -209,8 +209,9 @@ def test_weight_ema_is_the_running_average_of_the_weights():
     for e, got in zip(expected, ema.module.parameters()):
         torch.testing.assert_close(got, e)
         assert not got.requires_grad
-    with pytest.raises(ValueError, match="EMA decay must be in"):
-        WeightEMA(model, decay=1.0)
+    for decay in (0.0, 1.0):  # 0 is the config's "off", never an EMA that copies the weights
+        with pytest.raises(ValueError, match="EMA decay must be in"):
+            WeightEMA(model, decay=decay)
 
 
 def test_train_with_ema_saves_the_average_and_resumes_exactly(tmp_path):
@@ -313,6 +314,13 @@ def test_cosine_schedule_warms_up_linearly_then_follows_the_half_cosine_to_zero(
     # cos(0), cos(pi/3), cos(2pi/3), cos(pi) -> factors 1, 3/4, 1/4, 0.
     cfg = TrainConfig(lr=0.4, epochs=1, warmup_epochs=0.0, scheduler="cosine")
     assert _learning_rates(cfg, 4, 5) == pytest.approx([0.4, 0.4, 0.3, 0.1, 0.0], abs=1e-12)
+
+
+def test_cosine_schedule_whose_warm_up_fills_the_run_still_ends_at_zero():
+    """Warm-up as long as the whole run (3 steps of 3): the cosine still gets one step, so the
+    rate reaches the full value and then 0, with no division by a zero-length decay."""
+    cfg = TrainConfig(lr=0.3, epochs=1, warmup_epochs=1.0, scheduler="cosine")
+    assert _learning_rates(cfg, 3, 6) == pytest.approx([0.1, 0.2, 0.3, 0.3, 0.0, 0.0], abs=1e-12)
 
 
 def test_plateau_schedule_cuts_the_rate_by_five_after_six_epochs_without_a_better_validation():
