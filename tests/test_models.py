@@ -156,7 +156,7 @@ def test_a_model_built_from_its_class_saves_and_loads(tmp_path):
 def test_registry_lists_and_rejects():
     names = afmp.list_models()
     assert names == sorted(names)
-    assert afmp.list_models("afmp_*") == ["afmp_small", "afmp_tiny", "afmp_tiny_dense"]
+    assert afmp.list_models("afmp_*") == ["afmp_points", "afmp_small", "afmp_tiny", "afmp_tiny_dense"]
     assert afmp.list_models("*_vit_t?n") == ["hydra_bolya_vit_tin", "hydra_vit_tin", "ripple_vit_tin"]
     assert afmp.list_models("small") == ["afmp_small"]  # no wildcard: a substring
     assert afmp.list_models("nothing*") == []
