@@ -160,7 +160,9 @@ def test_registry_lists_and_rejects():
     assert afmp.list_models("*_vit_t?n") == ["hydra_bolya_vit_tin", "hydra_vit_tin", "ripple_vit_tin"]
     assert afmp.list_models("small") == ["afmp_small"]  # no wildcard: a substring
     assert afmp.list_models("nothing*") == []
-    with pytest.raises(ValueError, match="unknown model 'afmp_huge'; registered models: afmp_points, afmp_small"):
+    with pytest.raises(
+        ValueError, match="unknown model 'afmp_huge'; registered models: afmp_points, afmp_small"
+    ):
         afmp.create_model("afmp_huge")
     with pytest.raises(ValueError, match="unknown option\\(s\\) d_modle for model 'afmp_tiny'"):
         afmp.create_model("afmp_tiny", d_modle=64)
