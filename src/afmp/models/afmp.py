@@ -76,6 +76,26 @@ class RouterPCULayer(nn.Module):
         return F.gelu(h_self + agg), gate_mean
 
 
+def afmp_stack(cfg) -> tuple[nn.ModuleList, nn.ModuleList, nn.Module]:
+    """AFMP's layers, top-down maps and readout norm for a config with AFMP's fields: what
+    ``run_levels`` and the readout use, shared by the grid model and the point-set model."""
+    layers = nn.ModuleList(
+        RouterPCULayer(
+            d_model=cfg.d_model,
+            k_dim=cfg.k_dim,
+            score_hidden=cfg.score_hidden,
+            sparsity=cfg.sparsity,
+            predictive=l > 0,  # layer 1 has no output of layer l-2 to predict from
+        )
+        for l in range(cfg.num_layers)
+    )
+    # Level l is refined by level l+1: s_l <- s_l + W_t (s_{l+1}) (levels share one token set).
+    n_top_down = cfg.num_layers - 1 if cfg.use_top_down else 0
+    top_down = nn.ModuleList(nn.Linear(cfg.d_model, cfg.d_model) for _ in range(n_top_down))
+    norm = nn.LayerNorm(cfg.d_model) if cfg.readout_norm else nn.Identity()
+    return layers, top_down, norm
+
+
 def run_levels(model: nn.Module, h: torch.Tensor, sc, backend) -> tuple[list[torch.Tensor], list]:
     """AFMP's bottom-up and top-down passes over embedded tokens ``h`` (B, N, D), for any
     model with AFMP's ``cfg``, ``layers`` and ``top_down`` (the grid model here, the point-set
@@ -151,20 +171,7 @@ class AFMP(ClassifierMixin, nn.Module):
         self.num_classes = cfg.num_classes
         self.patch_embed = PatchEmbed(in_chans=cfg.in_chans, dim=cfg.d_model, patch_size=cfg.patch_size)
         self.pos_embed = nn.Linear(2, cfg.d_model)  # embeds the normalised patch centre
-        self.layers = nn.ModuleList(
-            RouterPCULayer(
-                d_model=cfg.d_model,
-                k_dim=cfg.k_dim,
-                score_hidden=cfg.score_hidden,
-                sparsity=cfg.sparsity,
-                predictive=l > 0,  # layer 1 has no output of layer l-2 to predict from
-            )
-            for l in range(cfg.num_layers)
-        )
-        # Level l is refined by level l+1: s_l <- s_l + W_t (s_{l+1}) (levels share one token grid).
-        n_top_down = cfg.num_layers - 1 if cfg.use_top_down else 0
-        self.top_down = nn.ModuleList(nn.Linear(cfg.d_model, cfg.d_model) for _ in range(n_top_down))
-        self.norm = nn.LayerNorm(cfg.d_model) if cfg.readout_norm else nn.Identity()
+        self.layers, self.top_down, self.norm = afmp_stack(cfg)
         self.global_pool = self.POOL
         self.head = make_head(cfg.d_model, cfg.num_classes)
         # The default grid's scaffold lives in non-persistent buffers (they follow .to(device)

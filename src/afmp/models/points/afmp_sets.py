@@ -24,13 +24,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from afmp.layers import ClassifierMixin, make_head, masked_mean
-from afmp.models.afmp import RouterPCULayer, mean_gate, run_levels
+from afmp.layers import make_head
+from afmp.models.afmp import afmp_stack, mean_gate, run_levels
+from afmp.models.points.base import PointSetClassifier, check_point_batch
 from afmp.ops import select_edge_backend
 from afmp.registry import check_one_of, check_positive_ints, register_model
 
 POSITION_FRAMES = ("given", "bbox")
-BATCH_KEYS = ("features", "positions", "neighbors", "mask", "length", "valid")
 
 
 @dataclass(frozen=True)
@@ -52,28 +52,6 @@ class SetScaffold:
         return self.neighbors.shape[2]
 
 
-def check_point_batch(x, in_features: int, pos_dim: int) -> None:
-    """A clear error for anything but the batch dict of afmp.data.points."""
-    if not isinstance(x, dict) or set(BATCH_KEYS) - set(x):
-        got = sorted(x) if isinstance(x, dict) else type(x).__name__
-        raise ValueError(f"a point-set model takes a dict with {', '.join(BATCH_KEYS)}; got {got}")
-    b, n = x["valid"].shape
-    expected = {
-        "features": (b, n, in_features),
-        "positions": (b, n, pos_dim),
-        "neighbors": (b, n, x["neighbors"].shape[-1]),
-        "mask": x["neighbors"].shape,
-        "length": x["neighbors"].shape,
-    }
-    for key, shape in expected.items():
-        if tuple(x[key].shape) != tuple(shape):
-            raise ValueError(f"point batch {key!r} has shape {tuple(x[key].shape)}, expected {tuple(shape)}")
-    if not torch.compiler.is_compiling():  # a data-dependent check: eager only
-        empty = (~x["valid"].any(1)).nonzero()
-        if len(empty):
-            raise ValueError(f"example {int(empty[0])} of the point batch marks no token valid")
-
-
 def bbox_frame(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Each example's valid positions mapped so that its bounding box's largest side is [0, 1]."""
     big = torch.finfo(positions.dtype).max
@@ -84,9 +62,7 @@ def bbox_frame(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return ((positions - low) / side).masked_fill(~v, 0)
 
 
-class PointAFMP(ClassifierMixin, nn.Module):
-    first_conv = "embed"
-
+class PointAFMP(PointSetClassifier, nn.Module):
     @dataclass
     class Config:
         in_features: int = 3  # per token: e.g. mean intensity and centroid (superpixels)
@@ -122,19 +98,7 @@ class PointAFMP(ClassifierMixin, nn.Module):
         self.num_classes = cfg.num_classes
         self.embed = nn.Linear(cfg.in_features, cfg.d_model)
         self.pos_embed = nn.Linear(cfg.pos_dim, cfg.d_model)
-        self.layers = nn.ModuleList(
-            RouterPCULayer(
-                d_model=cfg.d_model,
-                k_dim=cfg.k_dim,
-                score_hidden=cfg.score_hidden,
-                sparsity=cfg.sparsity,
-                predictive=l > 0,
-            )
-            for l in range(cfg.num_layers)
-        )
-        n_top_down = cfg.num_layers - 1 if cfg.use_top_down else 0
-        self.top_down = nn.ModuleList(nn.Linear(cfg.d_model, cfg.d_model) for _ in range(n_top_down))
-        self.norm = nn.LayerNorm(cfg.d_model) if cfg.readout_norm else nn.Identity()
+        self.layers, self.top_down, self.norm = afmp_stack(cfg)
         self.global_pool = self.POOL
         self.head = make_head(cfg.d_model, cfg.num_classes)
 
@@ -166,27 +130,6 @@ class PointAFMP(ClassifierMixin, nn.Module):
             "valid": x["valid"],
         }
         return out, aux
-
-    def forward_head(
-        self, features: torch.Tensor, pre_logits: bool = False, valid: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Pool over the valid tokens (``valid`` (B, N); without it every token counts) and classify."""
-        pooled = self.norm(masked_mean(features, valid) if self.global_pool else features)
-        return pooled if pre_logits else self.head(pooled)
-
-    def forward(self, x: dict, return_aux: bool = False):
-        features, aux = self.forward_features(x, return_aux=True)
-        logits = self.forward_head(features, valid=aux["valid"])
-        return (logits, aux) if return_aux else logits
-
-    def example_input(self, batch_size: int = 2, size: int | None = None) -> dict:
-        """A random batch of point sets of ``size`` points each (as timm's example inputs, no
-        padding: ``forward_head`` without ``valid`` then pools what ``forward`` pools)."""
-        from afmp.data.points import example_point_batch
-
-        x = example_point_batch(batch_size, self.cfg.in_features, self.cfg.pos_dim, num_points=size or 12)
-        device = next(self.parameters()).device
-        return {k: v.to(device) for k, v in x.items()}
 
 
 # About 100k parameters, the budget of the graph-network benchmark's MNIST-superpixels table.

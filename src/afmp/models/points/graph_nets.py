@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from afmp.layers import ClassifierMixin, make_head, masked_mean
-from afmp.models.points.afmp_sets import check_point_batch
+from afmp.layers import make_head
+from afmp.models.points.base import PointSetClassifier, check_point_batch
 from afmp.registry import check_one_of, check_positive_ints, register_model
 
 CONVS = ("gcn", "gat", "gated")
@@ -49,9 +49,7 @@ def packed_graph(x: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return valid.nonzero().squeeze(1), edge_index, x["length"].reshape(-1, 1)[real]
 
 
-class GraphNet(ClassifierMixin, nn.Module):
-    first_conv = "embed"
-
+class GraphNet(PointSetClassifier, nn.Module):
     @dataclass
     class Config:
         in_features: int = 3
@@ -77,6 +75,7 @@ class GraphNet(ClassifierMixin, nn.Module):
         self.embed = nn.Linear(cfg.in_features, cfg.hidden)
         self.convs = nn.ModuleList(make_conv(cfg.conv, cfg.hidden, cfg.heads) for _ in range(cfg.num_layers))
         self.norms = nn.ModuleList(nn.BatchNorm1d(cfg.hidden) for _ in range(cfg.num_layers))
+        self.norm = nn.Identity()  # the readout pools the last block's output as it is
         self.global_pool = self.POOL
         self.head = make_head(cfg.hidden, cfg.num_classes)
 
@@ -93,24 +92,6 @@ class GraphNet(ClassifierMixin, nn.Module):
             h = h + F.relu(norm(update))
         out = h.new_zeros(b * n, h.shape[-1]).index_copy(0, nodes, h).view(b, n, -1)
         return (out, {"valid": x["valid"]}) if return_aux else out
-
-    def forward_head(
-        self, features: torch.Tensor, pre_logits: bool = False, valid: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        pooled = masked_mean(features, valid) if self.global_pool else features
-        return pooled if pre_logits else self.head(pooled)
-
-    def forward(self, x: dict, return_aux: bool = False):
-        features, aux = self.forward_features(x, return_aux=True)
-        logits = self.forward_head(features, valid=aux["valid"])
-        return (logits, aux) if return_aux else logits
-
-    def example_input(self, batch_size: int = 2, size: int | None = None) -> dict:
-        from afmp.data.points import example_point_batch
-
-        x = example_point_batch(batch_size, self.cfg.in_features, self.cfg.pos_dim, num_points=size or 12)
-        device = next(self.parameters()).device
-        return {k: v.to(device) for k, v in x.items()}
 
 
 # Widths that put each at about 100k parameters with 3 input features and 10 classes.
