@@ -313,5 +313,25 @@ def test_the_gpu_scripts_crosscheck_passes_on_the_cpu_and_names_a_backend_that_d
     broken = EdgeBackend(name="broken", edge_scores=edge.edge_scores, gated_aggregate=off_by_a_little)
     monkeypatch.setitem(EDGE_BACKENDS, "broken", broken)
     found = crosscheck.crosscheck("cpu", [torch.float32], [(3, 4)], ["broken"], log=lambda *a: None)
-    assert [m.backend for m in found] == ["broken"] and 5e-4 < found[0].error < 2e-3  # the 0.1%, not rounding
+    # The stage's aggregate, and the layer built on it: both named, each off by the 0.1%, not rounding.
+    assert [(m.backend, m.what.startswith("layer")) for m in found] == [("broken", False), ("broken", True)]
+    assert 5e-4 < found[0].error < 2e-3
     assert str(found[0]).startswith("backend 'broken' differs from the reference on a 3x4 grid in float32: ")
+
+    # Right halves, a wrong whole layer (as a fused layer could be): the layer check names it.
+    gather = EDGE_BACKENDS["gather"]
+
+    def layer_a_little_off(h, t, weights, prep, sparsity):
+        out, gate_mean = gather.layer(h, t, weights, prep, sparsity)
+        return out, gate_mean * 1.001
+
+    fused_off = EdgeBackend(
+        name="fused_off",
+        edge_scores=gather.edge_scores,
+        gated_aggregate=gather.gated_aggregate,
+        layer=layer_a_little_off,
+        prepare=gather.prepare,
+    )
+    monkeypatch.setitem(EDGE_BACKENDS, "fused_off", fused_off)
+    found = crosscheck.crosscheck("cpu", [torch.float32], [(3, 4)], ["fused_off"], log=lambda *a: None)
+    assert [(m.backend, m.what) for m in found] == [("fused_off", "layer gate means")]

@@ -16,13 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from afmp import scaffold as scaffolds
 from afmp.layers import ClassifierMixin, PatchEmbed, check_image_batch, grid_centres, make_head
 from afmp.ops import edge_backend_names, select_edge_backend
-from afmp.ops.edge import topk_keep
+from afmp.ops.edge import LayerWeights
 from afmp.registry import check_one_of, check_positive_ints, register_model
 
 
@@ -54,26 +53,25 @@ class RouterPCULayer(nn.Module):
         self.score_out = nn.Linear(score_hidden, 1)  # v's second layer
         self.gate = nn.Linear(1, d_model)  # g = sigmoid(w_g * s + b_g)
 
-    def forward(self, h, t, sc: scaffolds.Scaffold, backend):
-        h_self, m, q, k, a, b = self.proj(h).split(self.split, dim=-1)
-        p = self.pred(t) if self.pred is not None else None
-        s = backend.edge_scores(
-            q @ self.U,
-            k,
-            a,
-            b,
-            h,
-            p,
-            self.w_err,
+    def weights(self) -> LayerWeights:
+        pred = self.pred
+        return LayerWeights(
+            self.proj.weight,
+            self.proj.bias,
+            self.U,
             self.w_len,
-            # Views, not indexing: a view's backward is a view, an index's allocates a zero tensor.
+            None if pred is None else pred.weight,
+            None if pred is None else pred.bias,
+            self.w_err,
             self.score_out.weight.view(-1),
             self.score_out.bias.view(()),
-            sc,
+            self.gate.weight.view(-1),
+            self.gate.bias,
         )
-        keep = topk_keep(s, sc.mask, sc.num_edges, self.sparsity)
-        agg, gate_mean = backend.gated_aggregate(s, keep, m, self.gate.weight.view(-1), self.gate.bias, sc)
-        return F.gelu(h_self + agg), gate_mean
+
+    def forward(self, h, t, sc: scaffolds.Scaffold, backend):
+        """(new states, gate means); ``sc`` is what ``backend.prepare`` made of the scaffold."""
+        return backend.layer(h, t, self.weights(), sc, self.sparsity)
 
 
 def afmp_stack(cfg) -> tuple[nn.ModuleList, nn.ModuleList, nn.Module]:
@@ -105,6 +103,7 @@ def run_levels(model: nn.Module, h: torch.Tensor, sc, backend) -> tuple[list[tor
     # Bottom-up: layer l reads H = output of layer l-1 and the predictive signal
     # T = output of layer l-2 (the embedding counts as output 0; the first layer has none).
     states, gate_means = [h], []
+    sc = backend.prepare(sc, h)  # what every layer reads of the scaffold, derived once
     for layer in model.layers:
         h, gate_mean = layer(states[-1], states[-2] if len(states) >= 2 else None, sc, backend)
         states.append(h)
@@ -184,6 +183,7 @@ class AFMP(ClassifierMixin, nn.Module):
         self.register_buffer("edge_mask", sc.mask, persistent=False)
         self.register_buffer("edge_length", sc.length, persistent=False)
         self.register_buffer("edge_slots", sc.slots, persistent=False)
+        self.register_buffer("centres", grid_centres(grid, grid), persistent=False)  # the patch centres
         self._other_grids: dict = {}
 
     @staticmethod
@@ -223,7 +223,8 @@ class AFMP(ClassifierMixin, nn.Module):
         tokens, grid = self.patch_embed(x)
         sc = self._scaffold(grid, x.device)
         backend = select_edge_backend(self.cfg.backend, x.device, sc)
-        centres = grid_centres(*grid, device=x.device).to(tokens.dtype)
+        centres = self.centres if grid == self._default_grid else grid_centres(*grid, device=x.device)
+        centres = centres.to(tokens.dtype)
 
         levels, gate_means = run_levels(self, tokens + self.pos_embed(centres), sc, backend)
         out = levels[0] if self.cfg.use_top_down else levels[-1]

@@ -6,7 +6,8 @@ Each backend provides ``edge_scores`` and ``gated_aggregate`` with the signature
 that scaffold, or the reason it cannot).
 
     reference  padded neighbour lists, plain PyTorch: (B, N, K, C) gathers
-    gather     the same gathers in few, batched ops, with a hand-written backward: small grids
+    gather     the same gathers in few, batched ops, with a hand-written backward: small grids;
+               in a model, the whole layer is one op (afmp.ops.fused_layer)
     packed     the real edges only, plain PyTorch: index_select / index_add
     stencil    shifted views of the token grid, plain PyTorch with a hand-written
                backward; needs a stencil scaffold (every grid layout is one)
@@ -26,15 +27,29 @@ from dataclasses import dataclass
 
 import torch
 
-from afmp.ops import edge, gather_edge, packed_edge, stencil_edge
+from afmp.ops import edge, fused_layer, gather_edge, packed_edge, stencil_edge
 from afmp.ops.backends import Backend, BackendFamily
 from afmp.scaffold import Scaffold
+
+
+def _as_given(sc, h):
+    return sc
 
 
 @dataclass(frozen=True, kw_only=True)
 class EdgeBackend(Backend):
     edge_scores: Callable
     gated_aggregate: Callable
+    # The whole layer (edge.layer_of): by default the two halves above with the projections,
+    # top-k and update around them in plain PyTorch, or a backend's own single op
+    # (afmp.ops.fused_layer). Models call it on ``prepare(scaffold, states)``, what the
+    # backend derives from the scaffold once per forward (by default the scaffold itself).
+    layer: Callable | None = None
+    prepare: Callable = _as_given
+
+    def __post_init__(self):
+        if self.layer is None:
+            object.__setattr__(self, "layer", edge.layer_of(self.edge_scores, self.gated_aggregate))
 
 
 # Fastest first, by the training-step measurements in docs/results.md ("Which backend auto
@@ -77,7 +92,11 @@ EDGE_BACKENDS.register(
 )
 EDGE_BACKENDS.register(
     EdgeBackend(
-        name="gather", edge_scores=gather_edge.edge_scores, gated_aggregate=gather_edge.gated_aggregate
+        name="gather",
+        edge_scores=gather_edge.edge_scores,
+        gated_aggregate=gather_edge.gated_aggregate,
+        layer=fused_layer.layer,
+        prepare=fused_layer.prepare,
     )
 )
 EDGE_BACKENDS.register(

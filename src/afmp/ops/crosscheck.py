@@ -3,7 +3,10 @@
 ``crosscheck(device, dtypes, grids)`` runs each backend that can run on ``device`` on the
 same inputs as the reference, in each dtype, on grids of odd shapes, and compares the
 scores, the aggregate, the gate means and every gradient (forward and backward of both
-halves of the stage). The reference runs in float64 on the same (rounded) inputs, so what
+halves of the stage), then the same for the backend's whole layer (``layer``, which for
+``gather`` is one op of its own, afmp.ops.fused_layer): new states, gate means and the
+gradients of the states, the predictive signal and every weight. The layer is checked
+dense, because a score rounded differently may swap which edges top-k keeps. The reference runs in float64 on the same (rounded) inputs, so what
 is measured is the backend's own error. ``scripts/gpu_backend_check.py`` is its command
 line; the CPU test suite runs it too, with the backends the CPU has.
 
@@ -22,7 +25,7 @@ import torch
 
 from afmp import scaffold as scaffolds
 from afmp.ops import EDGE_BACKENDS, edge
-from afmp.ops.edge import topk_keep
+from afmp.ops.edge import LayerWeights, topk_keep
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float64: 1e-10}
 SLACK = 4
@@ -92,6 +95,48 @@ def _inputs(sc, dtype: torch.dtype, device, gen, sparsity: float) -> dict:
     return x
 
 
+def _layer(backend, inputs: dict, sc) -> dict:
+    """Forward and backward of the backend's whole layer, dense: {name: tensor}."""
+    leaves = {k: inputs[k].detach().clone().requires_grad_() for k in ("h", "t", *LayerWeights._fields)}
+    weights = LayerWeights(*(leaves[k] for k in LayerWeights._fields))
+    out, gate_mean = backend.layer(leaves["h"], leaves["t"], weights, backend.prepare(sc, leaves["h"]), 0.0)
+    loss = (out.double() * inputs["dout"]).sum() + (gate_mean.double() * inputs["dgm"]).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return {"layer states": out, "layer gate means": gate_mean} | {
+        f"layer d{name}": g for name, g in zip(leaves, grads)
+    }
+
+
+def _layer_inputs(x: dict, gen) -> dict:
+    """The layer's inputs, from the stage's: its states and weights in the stage's dtype."""
+    ref = x["h"]
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(shape, generator=gen) * scale).to(device=ref.device, dtype=ref.dtype)
+
+    width = 2 * D + 2 * R + 2 * F
+    return x | dict(
+        t=rnd(*ref.shape),
+        proj_w=rnd(width, D, scale=D**-0.5),
+        proj_b=rnd(width),
+        U=rnd(R, R, scale=R**-0.5),
+        pred_w=rnd(D, D, scale=D**-0.5),
+        pred_b=rnd(D),
+    )
+
+
+def _compare(name, got, want, allowed, log, where) -> tuple | None:
+    """(what differs most, its error, what is allowed) if a backend is off the reference, else None."""
+    errors = {k: _error(got[k], want[k]) for k in want}
+    worst = max(errors, key=lambda k: errors[k] / allowed[k])
+    ok = errors[worst] <= allowed[worst]
+    log(
+        f"  {name:10s} {where} worst: {worst} {errors[worst]:.2e} (allowed {allowed[worst]:.1e})"
+        f"  {'ok' if ok else 'DIFFERS'}"
+    )
+    return None if ok else (worst, errors[worst], allowed[worst])
+
+
 def crosscheck(
     device: torch.device | str,
     dtypes=(torch.float32, torch.bfloat16),
@@ -108,28 +153,23 @@ def crosscheck(
         sc = scaffolds.delaunay_grid(*grid).to(device)
         for dtype in dtypes:
             gen = torch.Generator().manual_seed(grid[0] * 1000 + grid[1])
-            inputs = _inputs(sc, dtype, device, gen, sparsity)
-            want = _stage(
-                edge, {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}, sc
-            )
-            # What the plain reference itself loses in this dtype: a backend may lose up to SLACK times as much.
-            own = _stage(edge, inputs, sc)
-            allowed = {k: max(TOLERANCE[dtype], SLACK * _error(own[k], want[k])) for k in want}
-            for name in names:
-                backend = EDGE_BACKENDS[name]
-                why = backend.why_not(device) or backend.input_why_not(sc)
-                shape = f"{grid[0]}x{grid[1]} {str(dtype).removeprefix('torch.'):9s}"
-                if why:
-                    log(f"  {name:10s} {shape} skipped: {why}")
-                    continue
-                got = _stage(backend, inputs, sc)
-                errors = {k: _error(got[k], want[k]) for k in want}
-                worst = max(errors, key=lambda k: errors[k] / allowed[k])
-                ok = errors[worst] <= allowed[worst]
-                log(
-                    f"  {name:10s} {shape} worst: {worst} {errors[worst]:.2e} (allowed {allowed[worst]:.1e})"
-                    f"  {'ok' if ok else 'DIFFERS'}"
-                )
-                if not ok:
-                    found.append(Mismatch(name, dtype, grid, worst, errors[worst], allowed[worst]))
+            inputs = _layer_inputs(_inputs(sc, dtype, device, gen, sparsity), gen)
+            as64 = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+            reference = EDGE_BACKENDS["reference"]
+            for check in (_stage, _layer):  # the stage's two halves, then the whole layer
+                want = check(reference, as64, sc)
+                # What the reference itself loses in this dtype: a backend may lose up to SLACK times as much.
+                own = check(reference, inputs, sc)
+                allowed = {k: max(TOLERANCE[dtype], SLACK * _error(own[k], want[k])) for k in want}
+                for name in names:
+                    backend = EDGE_BACKENDS[name]
+                    why = backend.why_not(device) or backend.input_why_not(sc)
+                    where = f"{grid[0]}x{grid[1]} {str(dtype).removeprefix('torch.'):9s}"
+                    if why:
+                        if check is _stage:
+                            log(f"  {name:10s} {where} skipped: {why}")
+                        continue
+                    bad = _compare(name, check(backend, inputs, sc), want, allowed, log, where)
+                    if bad:
+                        found.append(Mismatch(name, dtype, grid, *bad))
     return found

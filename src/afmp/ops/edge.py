@@ -19,6 +19,9 @@ This eager version materialises (B, N, K, D) tensors; that is what fused kernels
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -118,3 +121,40 @@ def _topk_keep_per_example(s, mask, num_edges: torch.Tensor, sparsity: float) ->
     survives = torch.arange(flat.shape[1], device=s.device) < n_keep.unsqueeze(1)
     keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, order, survives)
     return keep.view_as(s)
+
+
+class LayerWeights(NamedTuple):
+    """One AFMP layer's parameters (models/afmp.py's RouterPCULayer), as a layer op takes them."""
+
+    proj_w: torch.Tensor  # (2D + 2R + 2F, D): [W_self | W_msg | W_q | W_k | A | B]
+    proj_b: torch.Tensor
+    U: torch.Tensor  # (R, R)
+    w_len: torch.Tensor  # (F,)
+    pred_w: torch.Tensor | None  # (D, D); None on the first layer, which has no prediction
+    pred_b: torch.Tensor | None
+    w_err: torch.Tensor | None  # (F,)
+    w_out: torch.Tensor  # (F,)
+    b_out: torch.Tensor  # ()
+    w_g: torch.Tensor  # (D,)
+    b_g: torch.Tensor  # (D,)
+
+
+def layer_of(edge_scores: Callable, gated_aggregate: Callable) -> Callable:
+    """One AFMP layer around a backend's two halves of the edge stage: the projections, the
+    scores, per-image top-k, the gated aggregate and the PCU update (docs/model.md).
+
+    ``layer(h, t, weights, sc, sparsity)`` -> (new states (B, N, D), gate means (B, N, K)),
+    ``t`` the predictive signal or None. Every linear map acts on one endpoint of an edge,
+    so one wide GEMM computes ``[W_self | W_msg | W_q | W_k | A | B] h`` for every token.
+    """
+
+    def layer(h, t, w: LayerWeights, sc, sparsity: float):
+        d, r, f = h.shape[-1], w.U.shape[0], w.w_len.shape[0]
+        h_self, m, q, k, a, b = F.linear(h, w.proj_w, w.proj_b).split((d, d, r, r, f, f), dim=-1)
+        p = None if t is None else F.linear(t, w.pred_w, w.pred_b)
+        s = edge_scores(q @ w.U, k, a, b, h, p, w.w_err, w.w_len, w.w_out, w.b_out, sc)
+        keep = topk_keep(s, sc.mask, sc.num_edges, sparsity)
+        agg, gate_mean = gated_aggregate(s, keep, m, w.w_g, w.b_g, sc)
+        return F.gelu(h_self + agg), gate_mean
+
+    return layer

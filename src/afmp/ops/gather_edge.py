@@ -55,6 +55,8 @@ def _scatter(rows_grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 def _weight_grad(rows: torch.Tensor, per_slot: torch.Tensor) -> torch.Tensor:
     """sum over every (b, i, s) of per_slot * rows: a (C,) weight gradient as one matrix-vector
     product, summed in at least float32 (a sum over every slot of the batch)."""
+    if rows.dtype in (torch.float32, torch.float64) and per_slot.dtype == rows.dtype:
+        return per_slot.reshape(1, -1).mm(rows.reshape(-1, rows.shape[-1])).view(-1)  # fewest ops
     acc = torch.promote_types(rows.dtype, torch.float32)
     return (per_slot.reshape(-1).to(acc) @ rows.reshape(-1, rows.shape[-1]).to(acc)).to(rows.dtype)
 
