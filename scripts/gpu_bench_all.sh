@@ -10,7 +10,10 @@
 #   1. the targets: AFMP-Small (auto backend) against DeiT-Tiny (SDPA), both compiled, training
 #      step, batch 64, bf16, at 224, 64 and 1280 (issue 24's targets: at most 0.5x, 0.6x and
 #      0.25x DeiT's time; a model out of memory is a row with oom true);
-#   2. which backend `auto` should pick on CUDA: AFMP-Small's training step per backend, eager,
+#   2. what `--compile auto` should take on CUDA: the whole training step (AdamW included) at
+#      the mnist5k grid and AFMP-Small at 64², eager, compiled and as CUDA graphs
+#      (scripts/gpu_train_modes.py);
+#   3. which backend `auto` should pick on CUDA: AFMP-Small's training step per backend, eager,
 #      at 224 (batch 64, bf16 autocast).
 # On 2026-12-04 an H200 lease showed what preparing costs: four eager backends at 224 did not
 # finish in 45 s, nor a compiled stencil AFMP-Small in 60 s, while a compiled reference
@@ -52,7 +55,11 @@ for r in 224 64 1280; do
     --resolutions $r --out "$res/compiled_$r" > "$res/compiled_$r.log" 2>&1
 done
 
-# 2. the backend auto should pick: every backend that agreed, eager, one process
+# 2. the compile modes of the training step
+timeout "$(limit 200)" python3 scripts/gpu_train_modes.py --device cuda --shapes tiny-7x7-mnist5k,small-64px \
+  > "$res/train_modes.log" 2>&1
+
+# 3. the backend auto should pick: every backend that agreed, eager, one process
 models=""
 for be in reference gather stencil triton; do
   differs $be || models="$models,afmp_small@backend=$be"
@@ -62,4 +69,5 @@ timeout "$(limit 150)" $bench --models "${models#,}" --resolutions 224 --out "$r
 
 tar czf "$OUT/results.tgz" -C /tmp gpu_results
 for f in "$res"/*/scaling.csv; do echo "== $f"; cut -d, -f1,2,3,9,11,12,13,14,18,20,22,23 "$f"; done
+cat "$res/train_modes.log"
 tail -n 6 "$res"/*.log

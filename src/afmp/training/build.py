@@ -13,8 +13,8 @@ import yaml
 from torch.utils.data import DataLoader
 
 from afmp.training import batch_size as batch_sizing
+from afmp.training import compiling, rundir
 from afmp.training import distributed as ddp
-from afmp.training import rundir
 from afmp.training.checkpoint import model_spec, unwrap
 from afmp.training.ema import WeightEMA
 from afmp.training.epoch import cached_peak_flops, flops_per_train_image, make_scheduler, param_groups
@@ -54,17 +54,6 @@ def build_run(setup: Setup, on_epoch: EpochHook | None = None) -> TrainingRun:
     # example's length): MFU scales the count by the length fed, taking FLOPs as linear in it.
     example_size = batch_elements(example(1)[0])
     model = ddp.wrap(model, env, device)
-    if cfg.compile:  # the training steps only; validation and test run the plain module
-        model = torch.compile(model)
-    # The threads and the load: what the run's times and images/s depend on besides the code.
-    machine = machine_state()
-    resolved = {**dataclasses.asdict(cfg), "resolved_model": model_spec(model), "machine": machine}
-    warning = busy_warning(machine) if device.type == "cpu" and env.is_main else None
-    if warning:
-        log(warning)
-    if env.is_main:
-        text = yaml.safe_dump(resolved, sort_keys=False)
-        atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(text))
     train_sampler = ddp.train_sampler(
         data.train,
         env,
@@ -72,6 +61,19 @@ def build_run(setup: Setup, on_epoch: EpochHook | None = None) -> TrainingRun:
         group_batch=cfg.batch_size if cfg.group_by_length else None,
     )
     steps_per_epoch = math.ceil(len(train_sampler) / ddp.local_batch_size(cfg.batch_size, env))
+    # The training steps only; validation and test run the plain module.
+    choice = compiling.choose(cfg.compile, device, cfg.epochs * steps_per_epoch)
+    model = compiling.compiled(model, choice)
+    # The threads and the load: what the run's times and images/s depend on besides the code.
+    machine = machine_state()
+    resolved = {**dataclasses.asdict(cfg), "resolved_model": model_spec(model), "machine": machine}
+    resolved["compile_resolved"] = {"mode": choice.mode, "reason": choice.reason}
+    warning = busy_warning(machine) if device.type == "cpu" and env.is_main else None
+    if warning:
+        log(warning)
+    if env.is_main:
+        text = yaml.safe_dump(resolved, sort_keys=False)
+        atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(text))
     optimizer = torch.optim.AdamW(
         param_groups(unwrap(model), cfg.weight_decay, cfg.weight_decay_on), lr=cfg.lr
     )
@@ -91,6 +93,7 @@ def build_run(setup: Setup, on_epoch: EpochHook | None = None) -> TrainingRun:
         model=model,
         # What is validated, tested and saved as model.safetensors: the average when there is one.
         final=ema.module if ema is not None else unwrap(model),
+        compile_choice=choice,
         ema=ema,
         params=sum(p.numel() for p in model.parameters()),
         resolved=resolved,

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from afmp.registry import config_fields, model_entry
+from afmp.training import compiling
 from afmp.utils.errors import UsageError
 from afmp.utils.options import parse_key_values
 
@@ -46,7 +47,9 @@ class TrainConfig:
     ema_decay: float = 0.0  # weight EMA (afmp.training.ema): validated, tested and saved instead; 0 = off
     select: str = "last"  # weights tested and saved as model.*: "last" epoch's or "best_val" epoch's
     amp: bool = True  # bf16/fp16 autocast on CUDA; ignored on the CPU
-    compile: bool = False  # torch.compile the training step's model (first steps are slow: compiling)
+    # torch.compile the training step: auto, off, on or graphs (afmp.training.compiling); a
+    # bool, as older config.yaml files say it, means on or off.
+    compile: str | bool = "auto"
     device: str = "auto"
     seed: int = 0
     val_fraction: float = 0.1
@@ -113,7 +116,7 @@ CHECKS = {
     "ema_decay": _number(0, 1, open_high=True),
     "select": ((lambda v: v in SELECT), " or ".join(SELECT)),
     "amp": _FLAG,
-    "compile": _FLAG,
+    "compile": ((lambda v: isinstance(v, bool) or v in compiling.MODES), " or ".join(compiling.MODES)),
     "device": _TEXT,
     "seed": _integer(0),
     "val_fraction": _number(0, 1, open_low=True, open_high=True),
@@ -186,7 +189,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-amp", dest="amp", action="store_false", default=None, help="no autocast on CUDA")
     p.add_argument(
-        "--compile", action="store_true", default=None, help="torch.compile the model for the training steps"
+        "--compile",
+        nargs="?",
+        const="on",
+        choices=compiling.MODES,
+        help="torch.compile the training steps: auto (default: where measured to pay), off, on "
+        "(--compile alone), graphs (CUDA graphs too)",
     )
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--seed", type=int)
@@ -258,7 +266,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     data_opts = parse_key_values(args.data_opt, flag="--data-opt", example="num_train=2000")
     values["model_opts"] = {**values.get("model_opts", {}), **model_opts}
     values["data_opts"] = {**values.get("data_opts", {}), **data_opts}
-    for recorded in ("resolved_model", "machine"):  # in a run's own config.yaml, passed back in
+    for recorded in (
+        "resolved_model",
+        "machine",
+        "compile_resolved",
+    ):  # in a run's own config.yaml, passed back in
         values.pop(recorded, None)
     unknown = sorted(set(values) - valid)
     if unknown:

@@ -5,6 +5,7 @@ the counted FLOPs and measured peak that MFU divides."""
 from __future__ import annotations
 
 import math
+import time
 from typing import NamedTuple
 
 import numpy as np
@@ -103,12 +104,16 @@ class EpochStats(NamedTuple):
     accuracy: float
     sparsity: float
     input_size: float  # elements of an example's input as fed, padding included, on average
+    first_step_s: float = 0.0  # the first step's wall time (a compiled run's includes compiling)
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, device, desc, ema=None) -> EpochStats:
     model.train()
     totals = {"loss": 0.0, "correct": 0, "seen": 0, "sparsity": 0.0, "elements": 0}
+    started, first_step_s = time.perf_counter(), None
     for inputs, labels in tqdm(loader, desc=desc, leave=False, disable=None):
+        # A new step for CUDA graphs (--compile graphs): the last step's outputs may be overwritten.
+        torch.compiler.cudagraph_mark_step_begin()
         inputs, labels = to_device(inputs, device), labels.to(device)
         inputs, mixed_labels, lam = mixup(inputs, labels, cfg.mixup_alpha)
         with autocast(device, cfg.amp):
@@ -137,6 +142,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, device, de
         totals["correct"] += (logits.argmax(-1) == labels).sum().item()
         totals["seen"] += n
         totals["elements"] += batch_elements(inputs)
+        if first_step_s is None:
+            first_step_s = time.perf_counter() - started
     totals = dict(zip(totals, ddp.all_reduce_sum(list(totals.values()), device)))  # over ranks
     seen = max(totals["seen"], 1)
     return EpochStats(
@@ -144,6 +151,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, device, de
         100.0 * totals["correct"] / seen,
         totals["sparsity"] / seen,
         totals["elements"] / seen,
+        first_step_s or 0.0,
     )
 
 

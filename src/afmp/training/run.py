@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from afmp.data import DataBundle
+from afmp.training import compiling, rundir
 from afmp.training import distributed as ddp
-from afmp.training import rundir
 from afmp.training.checkpoint import read_weights, save_checkpoint, unwrap
 from afmp.training.config import TrainConfig
 from afmp.training.ema import WeightEMA
@@ -97,6 +97,8 @@ class TrainingRun:
     committed: Path | None  # the newest committed checkpoint folder
     tb: Any = None  # a TensorBoard SummaryWriter, with --tensorboard
     on_epoch: EpochHook | None = None
+    compile_choice: compiling.Choice = compiling.Choice("off", "as asked")
+    compiled_once: bool = False  # whether this process has run a compiled step (and said how long it took)
 
     def resume(self, folder: Path, state: dict) -> None:
         """Load weights, optimizer, schedule, scaler, EMA and Progress from a committed checkpoint
@@ -152,6 +154,9 @@ class TrainingRun:
             f"val {val_acc:.2f}%  sparsity-loss {stats.sparsity:.2e}  {elapsed:.1f}s  {images_per_s:.0f} img/s"
             + (f"  MFU {100 * mfu:.2f}%" if mfu is not None else "")
         )
+        if self.compile_choice.mode != "off" and not self.compiled_once:
+            self.compiled_once = True
+            self.log(f"  compiled: the first step took {stats.first_step_s:.1f}s, compiling included")
         p.epoch = epoch
         improved = val_acc >= p.best_val  # ties: the later epoch (see SELECT)
         if improved:

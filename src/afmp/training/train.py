@@ -54,7 +54,7 @@ def train(cfg: TrainConfig, on_epoch: EpochHook | None = None) -> dict:
         run.log(
             f"{cfg.model} on {cfg.dataset}: {run.params / 1e6:.3f}M parameters, {len(data.train)} train / "
             f"{len(data.val)} val / {len(data.test)} test, device {setup.device}, "
-            f"{setup.env.world_size} process(es)"
+            f"{setup.env.world_size} process(es), {run.compile_choice.describe()}"
         )
         for epoch in range(run.progress.epoch + 1, cfg.epochs):
             run.run_epoch(epoch)

@@ -1,0 +1,78 @@
+"""How a run compiles its training step: ``afmp train --compile auto|off|on|graphs``.
+
+    off     eager PyTorch
+    on      torch.compile: Inductor fuses the step's elementwise passes into few kernels
+            (C++ on the CPU, Triton on CUDA)
+    graphs  torch.compile(mode="reduce-overhead"): on CUDA, Inductor's kernels are also
+            recorded as CUDA graphs and each step's forward and backward replay as one
+            launch each, which is what a launch-bound step (a small grid) needs. On the
+            CPU there is nothing to record and it is ``on``.
+    auto    (the default) by the measured crossovers below.
+
+The optimizer step stays outside the graphs. Inside one, AdamW would need ``capturable``
+state and the learning rate as a tensor that the schedule updates in place, and the
+gradient clipping, EMA and mixup weights of afmp's step would all have to become static
+buffers; the step's share of the time has not been measured on a GPU to say whether that
+is worth it (AdamW with ``foreach`` is a few launches per parameter group).
+
+Validation and test run the plain module, so a compiled run's last, smaller batch and its
+evaluation never trigger a recompile or a new graph. A run resumed with ``--resume``
+resolves ``auto`` from the same device and planned steps, so it takes the same mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MODES = ("auto", "off", "on", "graphs")
+
+# Measured on a 2-core CPU (docs/results.md, "Compiling the training step"): AFMP-Tiny at the
+# mnist5k shape (7x7 tokens, batch 64, one thread) compiled in CPU_COMPILE_S seconds and then
+# saved CPU_SAVING of each eager step's time. With an eager step of about CPU_EAGER_STEP_S,
+# compiling pays after CPU_COMPILE_S / (CPU_SAVING * CPU_EAGER_STEP_S) steps.
+CPU_COMPILE_S = 150.0
+CPU_SAVING = 0.3
+CPU_EAGER_STEP_S = 0.15
+CPU_PAYS_AFTER_STEPS = round(CPU_COMPILE_S / (CPU_SAVING * CPU_EAGER_STEP_S))
+
+
+@dataclass(frozen=True)
+class Choice:
+    mode: str  # off, on or graphs
+    reason: str  # why, in words: the first log line says it
+
+    def describe(self) -> str:
+        return f"compile: {self.mode} ({self.reason})"
+
+
+def choose(requested: str | bool, device: torch.device, steps: int) -> Choice:
+    """The mode a run of ``steps`` training steps on ``device`` takes for ``requested``.
+
+    ``requested`` may be a bool, as config.yaml files written before the modes said it.
+    """
+    if isinstance(requested, bool):
+        requested = "on" if requested else "off"
+    if requested not in MODES:
+        raise ValueError(f"compile must be one of {', '.join(MODES)}, got {requested!r}")
+    if requested != "auto":
+        return Choice(requested, "as asked")
+    if device.type == "cuda":
+        return Choice("graphs", "auto: a CUDA step at the grids people train is launch-bound")
+    if steps >= CPU_PAYS_AFTER_STEPS:
+        return Choice(
+            "on",
+            f"auto: {steps} steps on the CPU, at least the {CPU_PAYS_AFTER_STEPS} after which compiling pays",
+        )
+    return Choice(
+        "off",
+        f"auto: {steps} steps on the CPU, fewer than the {CPU_PAYS_AFTER_STEPS} after which compiling pays",
+    )
+
+
+def compiled(model: torch.nn.Module, choice: Choice) -> torch.nn.Module:
+    """``model`` as the training steps run it under ``choice``."""
+    if choice.mode == "off":
+        return model
+    return torch.compile(model, mode="reduce-overhead" if choice.mode == "graphs" else None)
