@@ -117,7 +117,7 @@ class _Layer(torch.autograd.Function):
         dqu = torch.bmm(ds.view(batch * n, 1, k), k_j.view(batch * n, k, r)).view(-1, r)
         dk = _scatter(ds * qu.view(batch, n, 1, r), rows)
         dw_out = _weight_grad(hidden, ds)
-        dz = (ds * w_out).mul_(hidden > 0)
+        dz = torch.ops.aten.threshold_backward(ds * w_out, hidden, 0)  # relu's backward, one op
         db = _scatter(dz, rows)
         # Lengths shared by every example (N, K, 1), or one scaffold per example (B, N, K, 1).
         dw_len = _weight_grad(dz.sum(0) if prep.length.dim() == 3 else dz, prep.length)
