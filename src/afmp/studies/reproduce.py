@@ -20,6 +20,8 @@ Each study ends with its figure and ``report.md``: the claim, our numbers with t
 spread, and whether the spread allows a conclusion. ``--set KEY=VALUE`` changes any
 entry of the config (dotted: ``train.batch_size=32``, ``bench.repeats=3``, ``seeds=1``).
 ``--jobs N`` trains N runs at once (each in its own process, with cores / N threads).
+``--tuned`` (a pareto study with a ``tuned:`` section) first searches every model's recipe
+with the same budget, then trains the seeds at each one's best: afmp.studies.tuned.
 ``--dry-run`` trains nothing: it prints the runs and their cost, measured here (each
 model's training step at the study's batch size, median of 5 after 2 warm-up steps: time,
 peak memory and counted FLOPs).
@@ -329,6 +331,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the runs and their cost; train nothing")
     p.add_argument("--tflops", type=float, help="--dry-run: also the time the FLOPs take at this rate")
     add_jobs_argument(p, "train the study's runs")
+    p.add_argument(
+        "--tuned",
+        action="store_true",
+        help="first search every model's recipe with the same budget (the study's tuned: section), "
+        "then train the seeds at each one's best (afmp.studies.tuned)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -344,12 +352,19 @@ def main(args: argparse.Namespace) -> int:
     with usage_errors():
         check_jobs(args.jobs)
         study = load_study(args.study, sets)
-        out = Path(args.out or f"runs/reproduce-{args.study}")
+        out = Path(args.out or f"runs/reproduce-{args.study}{'-tuned' if args.tuned else ''}")
         runs = planned_runs(study, args, out)
     from afmp.studies import ablate
 
     ablate.check_runs(runs)  # every run's settings, before anything is written
-    if args.dry_run:
+    if args.tuned:
+        from afmp.studies import tuned
+
+        searches = tuned.searches(args.study, study, args, out)  # every model's search, checked
+        if args.dry_run:
+            tuned.dry_run(args.study, study, searches, args)
+            return 0
+    elif args.dry_run:
         dry_run(args.study, study, runs, args)
         return 0
     from afmp.training.rundir import RunLock
@@ -357,7 +372,9 @@ def main(args: argparse.Namespace) -> int:
 
     with RunLock(out):
         write_json(out / "study.json", {"study": args.study, "config": study})
-        if study["kind"] == "ablation":
+        if args.tuned:
+            body = tuned.run(args.study, study, searches, args, out)
+        elif study["kind"] == "ablation":
             body = run_ablation(args.study, study, runs, out, args.jobs)
         elif study["kind"] == "pareto":
             body = run_pareto_study(args.study, study, runs, out, args)
