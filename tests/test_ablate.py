@@ -169,5 +169,5 @@ def test_each_of_n_jobs_gets_its_share_of_the_cores_and_at_least_one_thread():
     from afmp.utils.parallel import threads_per_job
 
     assert threads_per_job(2, cores=16) == 8
-    assert threads_per_job(3, cores=16) == 5  # rounded down: N jobs never ask for more than the cores
+    assert threads_per_job(3, cores=8) == 2  # rounded down: N jobs never ask for more than the cores
     assert threads_per_job(4, cores=2) == 1
