@@ -34,6 +34,7 @@ ROLES: list[tuple[str, tuple[str, ...]]] = [
     ("training", ("afmp.training",)),
     ("deploy", ("afmp.deploy",)),  # a trained run put to use: predict files, export the model
     ("bench", ("afmp.bench",)),
+    ("tuning", ("afmp.tuning",)),  # searches over training runs; the studies' tuned recipes use it
     ("studies", ("afmp.studies",)),
     ("commands", ("afmp.commands",)),
     ("entry points", ("afmp", "afmp_cli")),  # the package's public API and the console script

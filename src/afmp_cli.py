@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "afmp.bench.cli",
         "measure time, memory, FLOPs and bytes as models scale; Pareto of trained runs",
     ),
+    "tune": (
+        "afmp.commands.tune",
+        "search a model's training recipe (Optuna): trials on validation data, the best as a config",
+    ),
     "ablate": ("afmp.studies.ablate", "run an ablation study (sparsity, lambda, topdown) over seeds"),
     "reproduce": (
         "afmp.studies.reproduce",

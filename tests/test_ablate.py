@@ -3,9 +3,11 @@
 import csv
 import json
 import math
+import os
 import statistics
 
 import pytest
+import yaml
 
 import afmp_cli as cli
 from afmp.studies import ablate
@@ -125,3 +127,47 @@ def test_lambda_study_one_seed(tmp_path):
     assert [r["setting"] for r in rows] == ["lambda1e-3", "lambda1e-4", "lambda1e-5"]
     assert all(r["best_val_std"] == "nan" for r in rows)  # one seed: no spread to report
     assert (out / "comparison.png").is_file()
+
+
+def _history(run):
+    """history.csv's columns that the computation fixes (time, images/s and MFU are the machine's)."""
+    with open(run / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: r[k] for k in ("epoch", "train_loss", "train_acc", "val_acc", "sparsity_loss")} for r in rows]
+
+
+def test_jobs_train_the_runs_at_once_with_the_numbers_of_a_serial_study(tmp_path):
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    for out, jobs in ((serial, "1"), (parallel, "2")):
+        assert cli.main(_args("topdown", out, "--epochs", "2", "--seeds", "1", "--jobs", jobs)) == 0
+    spans = []
+    for setting in ("topdown", "no_topdown"):
+        one, two = serial / setting / "seed0", parallel / setting / "seed0"
+        assert _history(two) == _history(one) and len(_history(one)) == 2
+        assert (one / "model.safetensors").read_bytes() == (two / "model.safetensors").read_bytes()
+        # Each worker trained with its share of the cores, and said so in the run's config.
+        config = yaml.safe_load((two / "config.yaml").read_text())
+        assert config["threads"] == config["machine"]["threads"] == max(1, os.cpu_count() // 2)
+        spans.append(((two / "config.yaml").stat().st_mtime, (two / "results.json").stat().st_mtime))
+    # At once: each run started (config.yaml) before the other finished (results.json).
+    (start_a, end_a), (start_b, end_b) = spans
+    assert start_a < end_b and start_b < end_a, spans
+    with open(serial / "summary.csv") as f, open(parallel / "summary.csv") as g:
+        keep = ("setting", "best_val_mean", "test_mean", "test_diff_mean")
+        assert [[r[k] for k in keep] for r in csv.DictReader(f)] == [
+            [r[k] for k in keep] for r in csv.DictReader(g)
+        ]
+
+
+def test_jobs_must_be_a_positive_integer(tmp_path, capsys):
+    assert cli.main(_args("topdown", tmp_path / "x", "--jobs", "0")) == 2
+    assert "--jobs must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_each_of_n_jobs_gets_its_share_of_the_cores_and_at_least_one_thread():
+    from afmp.utils.parallel import threads_per_job
+
+    assert threads_per_job(2, cores=16) == 8
+    assert threads_per_job(3, cores=8) == 2  # rounded down: N jobs never ask for more than the cores
+    assert threads_per_job(4, cores=2) == 1

@@ -296,3 +296,25 @@ def test_every_shipped_study_plans_valid_runs(name, tmp_path):
     for _, _, cfg in runs:
         trainer.check_config(cfg)
     assert not any(tmp_path.iterdir())  # checking writes nothing
+
+
+def test_jobs_reach_the_trainer_of_every_kind_of_study(data_dir, tmp_path, monkeypatch, capsys):
+    # ablate.train_runs trains the runs N at a time (tests/test_ablate.py checks that their
+    # numbers are a serial study's); here: both kinds of study that train hand it --jobs.
+    class Trained(Exception):
+        pass
+
+    seen = []
+
+    def train_runs(runs, *, resume, jobs=1):
+        seen.append((runs[0][0], jobs))
+        raise Trained
+
+    monkeypatch.setattr(ablate, "train_runs", train_runs)
+    for study in ("ablation-topdown", "pareto"):
+        with pytest.raises(Trained):
+            _run(study, data_dir, tmp_path / study, "--jobs", "2", "--epochs", "1")
+    assert seen == [("topdown", 2), ("afmp_tiny", 2)]
+    assert _run("ablation-topdown", data_dir, tmp_path / "bad", "--jobs", "0") == 2
+    assert "--jobs must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -14,6 +14,7 @@ from afmp.data.base import (  # noqa: F401  (the package's API)
     DataBundle,
     DataUnavailable,
     build_dataset,
+    dataset_options,
     list_datasets,
     register_dataset,
 )

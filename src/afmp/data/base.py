@@ -66,22 +66,26 @@ def list_datasets() -> list[str]:
 COMMON_OPTIONS = ("data_dir", "download", "val_fraction", "seed")
 
 
-def build_dataset(name: str, **options) -> DataBundle:
-    """Build data set ``name``; ``options`` as the loader takes (data_dir, download, val_fraction...)."""
+def dataset_options(name: str) -> tuple[list[str], bool]:
+    """(the options loader ``name`` takes besides COMMON_OPTIONS, whether it takes others too:
+    a loader with **options of its own, not a ``**_`` that swallows them, checks those itself)."""
     if name not in DATASETS:
         raise UsageError(f"unknown data set {name!r}; available: {', '.join(list_datasets())}")
-    loader = DATASETS[name]
-    params = inspect.signature(loader).parameters.values()
+    params = inspect.signature(DATASETS[name]).parameters.values()
     own = [
         p.name
         for p in params
         if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in COMMON_OPTIONS
     ]
-    # A loader taking **options of its own (not a `**_` that swallows them) checks them itself.
-    forwards = any(p.kind == p.VAR_KEYWORD and p.name != "_" for p in params)
+    return own, any(p.kind == p.VAR_KEYWORD and p.name != "_" for p in params)
+
+
+def build_dataset(name: str, **options) -> DataBundle:
+    """Build data set ``name``; ``options`` as the loader takes (data_dir, download, val_fraction...)."""
+    own, forwards = dataset_options(name)
     unknown = sorted(set(options) - set(own) - set(COMMON_OPTIONS))
     if unknown and not forwards:
         raise UsageError(
             f"data set {name!r} has no option {', '.join(unknown)}; its options: {', '.join(own) or 'none'}"
         )
-    return loader(**options)
+    return DATASETS[name](**options)

@@ -22,6 +22,9 @@ Every ``afmp train`` option passes through (--model, --batch-size, --lr, --devic
 Run the same command again to continue an interrupted study: finished runs (those with
 a results.json) are kept, and with ``--resume`` a half-trained run continues from its
 last epoch instead of starting again.
+``--jobs N`` trains N runs at once, each in a process of
+its own with cores / N torch threads (afmp.utils.parallel); the runs' numbers are those of
+a serial study.
 """
 
 from __future__ import annotations
@@ -36,11 +39,12 @@ from pathlib import Path
 import numpy as np
 
 from afmp.training import config as train_config
-from afmp.training.config import TrainConfig, check_config, config_from_args
+from afmp.training.config import RUNTIME_ONLY, TrainConfig, check_config, config_from_args
 from afmp.training.rundir import RunLock, latest_checkpoint
 from afmp.training.train import train
 from afmp.utils.errors import UsageError, usage_errors
 from afmp.utils.files import save_png, write_csv, write_json
+from afmp.utils.parallel import add_jobs_argument, check_jobs, run_in_processes, threads_per_job
 
 # study -> [(setting, plot label, the model options it varies)]
 STUDIES: dict[str, list[tuple[str, str, dict]]] = {
@@ -62,19 +66,6 @@ STUDIES: dict[str, list[tuple[str, str, dict]]] = {
 }
 # Options a study fixes for all its settings unless the user passes them with -o.
 STUDY_DEFAULTS: dict[str, dict] = {"sparsity": {"use_top_down": False}, "lambda": {"use_top_down": False}}
-
-# Settings that may differ between the runs of one study without changing their results.
-_RUNTIME_ONLY = {
-    "out",
-    "resume",
-    "device",
-    "num_workers",
-    "tensorboard",
-    "viz_every",
-    "resolved_model",
-    "threads",
-    "machine",
-}
 
 
 def run_dir(out: Path, setting: str, seed: int) -> Path:
@@ -106,7 +97,7 @@ def run_configs(study: str, base: TrainConfig, seeds: int) -> list[tuple[str, in
 
 def _check_same_settings(cfg: TrainConfig, results: dict, path: Path) -> None:
     """A finished run is reused only if it was trained with the settings asked for now."""
-    ignore = _RUNTIME_ONLY | (
+    ignore = RUNTIME_ONLY | (
         {"batch_size"} if getattr(cfg, "auto_batch", False) else set()
     )  # found, not asked
     asked = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k not in ignore}
@@ -126,10 +117,13 @@ def check_runs(runs: list[tuple[str, int, TrainConfig]]) -> None:
             check_config(dataclasses.replace(cfg, resume=False))
 
 
-def train_runs(runs: list[tuple[str, int, TrainConfig]], *, resume: bool) -> None:
+def train_runs(runs: list[tuple[str, int, TrainConfig]], *, resume: bool, jobs: int = 1) -> None:
     """Train every (label, seed, config) run still missing (checked first with check_runs). A
     finished run (one with a results.json) is kept if it was trained with the same settings;
-    a half-trained one continues from its last epoch with ``resume``, else starts again."""
+    a half-trained one continues from its last epoch with ``resume``, else starts again.
+    ``jobs`` > 1 trains that many at once, each in its own process with cores / jobs threads
+    (unless the runs set --threads): a run's numbers do not depend on it (tests/test_ablate.py)."""
+    todo = []
     for n, (setting, seed, cfg) in enumerate(runs, 1):
         results_path = Path(cfg.out) / "results.json"
         if results_path.is_file():
@@ -141,19 +135,38 @@ def train_runs(runs: list[tuple[str, int, TrainConfig]], *, resume: bool) -> Non
             print(
                 f"[{n}/{len(runs)}] {setting} seed {seed}: partial run found, starting again (--resume continues it)"
             )
-        print(f"[{n}/{len(runs)}] {setting} seed {seed} -> {cfg.out}")
-        train(dataclasses.replace(cfg, resume=resume and partial))
+        todo.append(
+            (f"[{n}/{len(runs)}] {setting} seed {seed}", dataclasses.replace(cfg, resume=resume and partial))
+        )
+    if jobs == 1:
+        for label, cfg in todo:
+            train_one(label, cfg)
+        return
+    threads = threads_per_job(jobs)
+    run_in_processes(
+        train_one,
+        [(label, dataclasses.replace(cfg, threads=cfg.threads or threads)) for label, cfg in todo],
+        jobs,
+    )
 
 
-def run_study(study: str, base: TrainConfig, seeds: int) -> list[dict]:
-    """Train every run still missing, then write summary.csv and comparison.png; returns the summary rows."""
+def train_one(label: str, cfg: TrainConfig) -> None:
+    """One run of a study (in a worker process with --jobs): its line, then afmp train's."""
+    print(f"{label} -> {cfg.out}", flush=True)
+    train(cfg)
+
+
+def run_study(study: str, base: TrainConfig, seeds: int, jobs: int = 1) -> list[dict]:
+    """Train every run still missing (``jobs`` at once), then write summary.csv and
+    comparison.png; returns the summary rows."""
     out = Path(base.out)
     with usage_errors():
+        check_jobs(jobs)
         runs = run_configs(study, base, seeds)
     check_runs(runs)
     with RunLock(out):  # one study writer; each run then locks its own folder
         write_json(out / "study.json", {"study": study, "seeds": seeds, "base": dataclasses.asdict(base)})
-        train_runs(runs, resume=base.resume)
+        train_runs(runs, resume=base.resume, jobs=jobs)
         rows = summarize(out, study, seeds=range(base.seed, base.seed + seeds))
     print_table(rows)
     return rows
@@ -331,6 +344,7 @@ def plot_comparison(results: dict[str, list[dict]], rows: list[dict], path: Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("study", choices=list(STUDIES), help="which ablation study")
     p.add_argument("--seeds", type=int, default=3, help="runs per setting (seeds --seed, --seed + 1, ...)")
+    add_jobs_argument(p, "train the runs")
     train_config.add_arguments(p)  # every afmp train option passes through
 
 
@@ -339,5 +353,5 @@ def main(args: argparse.Namespace) -> int:
         args.out = f"runs/ablate-{args.study}-{args.dataset or TrainConfig.dataset}"
     with usage_errors():
         base = config_from_args(args)
-    run_study(args.study, base, args.seeds)
+    run_study(args.study, base, args.seeds, args.jobs)
     return 0

@@ -19,6 +19,9 @@ where it stopped (finished runs are kept, if they were trained with the same set
 Each study ends with its figure and ``report.md``: the claim, our numbers with their
 spread, and whether the spread allows a conclusion. ``--set KEY=VALUE`` changes any
 entry of the config (dotted: ``train.batch_size=32``, ``bench.repeats=3``, ``seeds=1``).
+``--jobs N`` trains N runs at once (each in its own process, with cores / N threads).
+``--tuned`` (a pareto study with a ``tuned:`` section) first searches every model's recipe
+with the same budget, then trains the seeds at each one's best: afmp.studies.tuned.
 ``--dry-run`` trains nothing: it prints the runs and their cost, measured here (each
 model's training step at the study's batch size, median of 5 after 2 warm-up steps: time,
 peak memory and counted FLOPs).
@@ -39,6 +42,7 @@ import yaml
 from afmp.studies import report
 from afmp.utils.errors import UsageError, usage_errors
 from afmp.utils.options import parse_key_value
+from afmp.utils.parallel import add_jobs_argument, check_jobs
 
 STUDY_DIR = Path(__file__).parents[1] / "configs" / "studies"
 KINDS = ("ablation", "pareto", "scaling")
@@ -123,10 +127,10 @@ def planned_runs(study: dict, args, out: Path) -> list[tuple[str, int, object]]:
 
 
 # -- the studies: train or measure, write the tables and figures, then the report's lines ------
-def run_ablation(name: str, study: dict, runs, out: Path) -> list[str]:
+def run_ablation(name: str, study: dict, runs, out: Path, jobs: int = 1) -> list[str]:
     from afmp.studies import ablate
 
-    ablate.train_runs(runs, resume=True)  # a half-trained run continues
+    ablate.train_runs(runs, resume=True, jobs=jobs)  # a half-trained run continues
     rows = ablate.summarize(out, study["study"], range(runs[0][2].seed, runs[0][2].seed + study["seeds"]))
     return report.ablation_lines(rows)
 
@@ -140,7 +144,7 @@ def run_pareto_study(name: str, study: dict, runs, out: Path, args) -> list[str]
     from afmp.utils.files import write_table
     from afmp.utils.runtime import resolve_device
 
-    ablate.train_runs(runs, resume=True)  # a half-trained run continues
+    ablate.train_runs(runs, resume=True, jobs=args.jobs)  # a half-trained run continues
     labels = [e["label"] for e in study["models"]]
     by_label = {label: [r for r in runs if r[0] == label] for label in labels}
     device = resolve_device(runs[0][2].device)
@@ -326,6 +330,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="change a config entry (dotted keys)")
     p.add_argument("--dry-run", action="store_true", help="print the runs and their cost; train nothing")
     p.add_argument("--tflops", type=float, help="--dry-run: also the time the FLOPs take at this rate")
+    add_jobs_argument(p, "train the study's runs")
+    p.add_argument(
+        "--tuned",
+        action="store_true",
+        help="first search every model's recipe with the same budget (the study's tuned: section), "
+        "then train the seeds at each one's best (afmp.studies.tuned)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -339,13 +350,21 @@ def main(args: argparse.Namespace) -> int:
     if args.epochs is not None:
         sets.append(f"train.epochs={args.epochs}")
     with usage_errors():
+        check_jobs(args.jobs)
         study = load_study(args.study, sets)
-        out = Path(args.out or f"runs/reproduce-{args.study}")
+        out = Path(args.out or f"runs/reproduce-{args.study}{'-tuned' if args.tuned else ''}")
         runs = planned_runs(study, args, out)
     from afmp.studies import ablate
 
     ablate.check_runs(runs)  # every run's settings, before anything is written
-    if args.dry_run:
+    if args.tuned:
+        from afmp.studies import tuned
+
+        searches = tuned.searches(args.study, study, args, out)  # every model's search, checked
+        if args.dry_run:
+            tuned.dry_run(args.study, study, searches, args)
+            return 0
+    elif args.dry_run:
         dry_run(args.study, study, runs, args)
         return 0
     from afmp.training.rundir import RunLock
@@ -353,8 +372,10 @@ def main(args: argparse.Namespace) -> int:
 
     with RunLock(out):
         write_json(out / "study.json", {"study": args.study, "config": study})
-        if study["kind"] == "ablation":
-            body = run_ablation(args.study, study, runs, out)
+        if args.tuned:
+            body = tuned.run(args.study, study, searches, args, out)
+        elif study["kind"] == "ablation":
+            body = run_ablation(args.study, study, runs, out, args.jobs)
         elif study["kind"] == "pareto":
             body = run_pareto_study(args.study, study, runs, out, args)
         else:

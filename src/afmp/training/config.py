@@ -74,6 +74,24 @@ class TrainConfig:
 SELECT = ("last", "best_val")
 
 
+# Settings (and what a run's config.yaml records beside them) that may differ between two runs
+# without changing their results: `afmp ablate` keeps a finished run trained with others, and
+# `afmp tune` continues a study started with others (each machine its own --out).
+RUNTIME_ONLY = frozenset(
+    {
+        "out",
+        "resume",
+        "device",
+        "num_workers",
+        "tensorboard",
+        "viz_every",
+        "resolved_model",
+        "threads",
+        "machine",
+    }
+)
+
+
 # -- checking the settings ----------------------------------------------------------------
 def _integer(low: int):
     return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low), f"an integer >= {low}"

@@ -199,13 +199,14 @@ class TrainingRun:
         if self.on_epoch is not None:
             self.on_epoch(self, epoch + 1)
 
-    def finish(self) -> dict:
-        """Test the selected weights, write results.json, and return its dict."""
+    def finish(self, test: bool = True) -> dict:
+        """Test the selected weights (unless ``test`` is False: no test example is read),
+        write results.json, and return its dict."""
         cfg, p, device = self.cfg, self.progress, self.device
         self.final.load_state_dict(
             read_weights(self.out / "model.safetensors", self.out / "model.json", device)
         )
-        test_acc = accuracy(self.final, self.test_loader, device, cfg.amp)
+        test_acc = accuracy(self.final, self.test_loader, device, cfg.amp) if test else None
         peak, peak_source = peak_memory_mb(device)
         selected_val = p.history["val_acc"][p.selected_epoch]
         results = {
@@ -232,8 +233,9 @@ class TrainingRun:
             self.tb.close()
         self.log(
             f"best val {p.best_val:.2f}% (epoch {p.best_epoch + 1})  tested: epoch {p.selected_epoch + 1} "
-            f"({cfg.select}), val {selected_val:.2f}%, test {test_acc:.2f}%  "
-            f"train time {results['train_time_s']:.1f}s  -> {self.out}"
+            f"({cfg.select}), val {selected_val:.2f}%, "
+            + (f"test {test_acc:.2f}%  " if test else "test split not read  ")
+            + f"train time {results['train_time_s']:.1f}s  -> {self.out}"
         )
         ddp.cleanup()
         return results

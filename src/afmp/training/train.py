@@ -37,9 +37,11 @@ from afmp.utils.errors import usage_errors
 __all__ = ["TrainConfig", "train"]
 
 
-def train(cfg: TrainConfig, on_epoch: EpochHook | None = None) -> dict:
+def train(cfg: TrainConfig, on_epoch: EpochHook | None = None, *, test: bool = True) -> dict:
     """Train, save and test the selected weights (SELECT); returns results.json's dict.
-    ``on_epoch(run, epoch)`` runs on the writing rank after each committed epoch."""
+    ``on_epoch(run, epoch)`` runs on the writing rank after each committed epoch.
+    ``test=False`` reads no test example (a search chooses on validation data alone:
+    afmp.tuning); results.json's test_accuracy is then null."""
     with usage_errors():
         setup = prepare(cfg)
     cfg = setup.cfg  # --auto-batch may have lowered the batch size
@@ -58,4 +60,4 @@ def train(cfg: TrainConfig, on_epoch: EpochHook | None = None) -> dict:
         )
         for epoch in range(run.progress.epoch + 1, cfg.epochs):
             run.run_epoch(epoch)
-        return run.finish()
+        return run.finish(test=test)

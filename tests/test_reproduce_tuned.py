@@ -1,0 +1,131 @@
+"""`afmp reproduce STUDY --tuned`: every model searched with the same budget, then its seeds
+at its best recipe; the plan, its cost, and a tiny study end to end."""
+
+import json
+import math
+from argparse import Namespace
+
+import pytest
+
+import afmp_cli as cli
+from afmp.studies import reproduce, tuned
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+pytest.importorskip("optuna")
+
+DIGITS = ["train.dataset=digits"]  # the plan's checks build the data: digits ships with scikit-learn
+
+
+def _args(**kw):
+    return Namespace(data_dir=None, device=None, download=None, jobs=1, tflops=None, **kw)
+
+
+def test_every_model_is_searched_with_the_same_budget_and_nothing_is_written(tmp_path):
+    study = reproduce.load_study("mnist5k-pareto", DIGITS)
+    trials, max_epochs = tuned.budget("mnist5k-pareto", study)
+    assert (trials, max_epochs) == (study["tuned"]["trials"], study["tuned"]["max_epochs"])
+    found = tuned.searches("mnist5k-pareto", study, _args(), tmp_path)
+    assert [s.study_name for s in found] == [e["label"] for e in study["models"]]
+    for search, entry in zip(found, study["models"]):
+        assert search.trials == trials and search.base.model == entry["model"]
+        assert search.base.model_opts == entry.get("model_opts", {})
+        assert search.base.batch_size == study["train"]["batch_size"] and search.base.dataset == "digits"
+        assert max(search.space["epochs"].edges()) <= max_epochs
+        assert search.out == str(tmp_path / "search" / entry["label"])
+    vit = found[[e["label"] for e in study["models"]].index("vit_baseline")]
+    assert "model_opts.drop_path_rate" in vit.space
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_the_seeds_train_each_models_best_recipe(tmp_path):
+    study = reproduce.load_study("mnist5k-pareto", [*DIGITS, "seeds=2"])
+    found = tuned.searches("mnist5k-pareto", study, _args(), tmp_path)[:2]
+    best = {
+        found[0].study_name: {"params": {"lr": 0.01, "epochs": 8, "data_opts.shift": 0}},
+        found[1].study_name: {"params": {"lr": 0.002, "epochs": 12, "data_opts.shift": 3}},
+    }
+    runs = tuned.final_runs(study, found, best, tmp_path)
+    assert [(label, seed) for label, seed, _ in runs] == [
+        (found[0].study_name, 0), (found[1].study_name, 0), (found[0].study_name, 1), (found[1].study_name, 1),
+    ]  # fmt: skip
+    for label, seed, cfg in runs:
+        params = best[label]["params"]
+        assert (cfg.lr, cfg.epochs, cfg.data_opts["shift"], cfg.seed) == (
+            params["lr"], params["epochs"], params["data_opts.shift"], seed,
+        )  # fmt: skip
+        assert cfg.out == str(tmp_path / label / f"seed{seed}")
+
+
+def test_dry_run_prints_the_plan_and_an_upper_bound_of_its_cost(monkeypatch, capsys):
+    cost = {"afmp_tiny": 10_000.0, "vit_baseline_tiny": 40_000.0}  # ms per step, stood in for the measurement
+
+    def step_cost(cfg, device):
+        return {"ms": cost.get(cfg.model, 20_000.0), "peak_mb": 1.0, "gflops": 1.0, "params": 1000}
+
+    monkeypatch.setattr(reproduce, "step_cost", step_cost)
+    argv = ["reproduce", "mnist5k-pareto", "--tuned", "--dry-run", "--device", "cpu", "--jobs", "2"]
+    assert (
+        cli.main([*argv, "--set", DIGITS[0], "--set", "tuned.trials=3", "--set", "tuned.max_epochs=4"]) == 0
+    )
+    printed = capsys.readouterr().out
+    study = reproduce.load_study("mnist5k-pareto")
+    assert f"for each of {len(study['models'])} models, a search of 3 trials of at most 4 epochs" in printed
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[1:-1]
+        for line in printed.splitlines()
+        if line.startswith("| ")
+    }
+    images, side, _, _ = reproduce.DATA_SHAPES["digits"]
+    steps = math.ceil(images * 0.9 / study["train"]["batch_size"])
+    for entry in study["models"]:
+        runs, epochs, per_run, ms, hours = (rows[entry["label"]][i].strip() for i in (1, 2, 3, 6, 8))
+        # Every trial and every seed, unpruned, at the most epochs.
+        assert (int(runs), int(epochs), int(per_run)) == (3 + study["seeds"], 4, steps)
+        expected = (
+            (3 + study["seeds"])
+            * 4
+            * steps
+            * (1 + 0.1 / 0.9 / 3)
+            * cost.get(entry["model"], 20_000.0)
+            / 3.6e6
+        )
+        assert float(ms) == cost.get(entry["model"], 20_000.0) and float(hours) == pytest.approx(
+            expected, abs=0.006
+        )
+    assert "with --jobs 2: about that divided by 2 at best" in printed
+
+
+def test_tuned_is_refused_for_a_study_without_a_budget(tmp_path, capsys):
+    out = tmp_path / "x"
+    assert cli.main(["reproduce", "mnist5k-topdown", "--tuned", "--out", str(out)]) == 2
+    assert (
+        "--tuned needs a pareto study with a tuned: section (mnist5k-pareto); mnist5k-topdown has none"
+        in (capsys.readouterr().err)
+    )
+    assert (
+        cli.main(["reproduce", "mnist5k-pareto", "--tuned", "--set", "tuned.trials=0", "--out", str(out)])
+        == 2
+    )
+    assert "tuned.trials and tuned.max_epochs must be integers >= 1, got (0, 20)" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_tiny_tuned_study_end_to_end(tmp_path):
+    out = tmp_path / "tuned"
+    models = (
+        "models=[{label: small, model: afmp_tiny, model_opts: {d_model: 16, num_layers: 2, k_dim: 8,"
+        " score_hidden: 8}}, {label: smaller, model: afmp_tiny, model_opts: {d_model: 8, num_layers: 1,"
+        " k_dim: 4, score_hidden: 4}}]"
+    )
+    sets = [DIGITS[0], models, "tuned.trials=1", "tuned.max_epochs=1", "train.batch_size=128"]
+    sets += ["bench.warmup=0", "bench.repeats=1"]
+    argv = ["reproduce", "mnist5k-pareto", "--tuned", "--seeds", "1", "--device", "cpu", "--out", str(out)]
+    assert cli.main([*argv, *[a for s in sets for a in ("--set", s)]]) == 0
+    report = (out / "report.md").read_text()
+    for label in ("small", "smaller"):
+        best = json.loads((out / "search" / label / "best.json").read_text())
+        assert best["budget"]["trials"] == {"complete": 1}
+        run = json.loads((out / label / "seed0" / "results.json").read_text())
+        assert run["config"]["lr"] == best["params"]["lr"] and run["test_accuracy"] is not None
+        assert f"| {label} | {best['val_accuracy']:.2f} | 1 / 0 | 1 |" in report
+    assert "## Each model's tuned recipe" in report and (out / "pareto.csv").is_file()
