@@ -68,3 +68,15 @@ def test_a_prediction_error_of_zero_passes_no_gradient_through_the_norm():
     for g, w in zip(got[2], want[2]):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
     assert not got[2][1].any()  # t reaches the layer through the error alone
+
+
+def test_a_second_backward_through_the_fused_layer_is_refused_not_wrong():
+    # Its backward overwrites saved buffers: backpropagating twice must fail loudly.
+    sc = scaffold.delaunay_grid(3, 3)
+    layer = _layers(0.0)
+    h, t = (torch.randn(B, 9, D, dtype=f64, requires_grad=True) for _ in range(2))
+    be = EDGE_BACKENDS["gather"]
+    out, gm = layer(h, t, be.prepare(sc, h), be)
+    (out.sum() + gm.sum()).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward once per forward"):
+        (out.sum() + gm.sum()).backward()

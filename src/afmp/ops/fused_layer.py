@@ -17,13 +17,18 @@ is one ``autograd.Function``, computed as the gather backend computes the edge s
 - the backward as a handful of batched ops: one ``index_add`` per gathered operand,
   the projection's gradient assembled in one ``cat`` and multiplied once;
 - what every layer reads of the scaffold (row indices, mask and lengths in the working
-  dtype) derived once per model forward (``prepare``).
+  dtype) derived once per model forward (``prepare``);
+- the backward writes its (B, N, K, C) gradients over the saved buffers it has read for
+  the last time, instead of into fresh ones: on the CPU a fresh buffer of that size is
+  mapped from the OS on every step and its first touch costs as much as the arithmetic.
+  So the backward runs once per forward (a second, with ``retain_graph``, is refused).
 
 It computes the reference's function (tests/test_fused_layer.py, and the model tests, in
 float64 on every output and gradient). Memory is gather's: the forward keeps the gathered
 rows, the MLP's hidden layer, the errors and the gates, (B, N, K, 2D + R + 2F), which is
 why ``auto`` takes it on small grids only. Measured on a 2-core CPU at the mnist5k shape
-(docs/results.md): the same time per step as the two halves, with about 30% fewer ops.
+(docs/results.md, "The whole layer as one op"): fewer ops and a faster step than the
+two halves with autograd between them.
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ class _Layer(torch.autograd.Function):
         h2 = h.reshape(-1, d)
         y = torch.addmm(bias, h2, w.t())
         h_self, m, q, k_, a, b = y.split((d, d, r, r, f, f), 1)
+        q = q.contiguous()  # a column block of y; its backward product is several times faster contiguous
         qu = q.mm(U)  # q_i U: the router's bilinear form on the token side
         # What neighbour j contributes, gathered for every slot; each gather's output is
         # contiguous (elementwise work on strided slices of one wide gather measured slower).
@@ -95,29 +101,40 @@ class _Layer(torch.autograd.Function):
         gates = torch.addcmul(b_g, s.unsqueeze(-1), w_g).sigmoid_().mul_(keep)
         pre = (gates * m_j).sum(2).add_(h_self.view(batch, n, d))
         ctx.save_for_backward(h2, t2, w, U, q, qu, m_j, k_j, hidden, diff, err, s, gates, pre)
-        ctx.extras = (w_pred, w_err, w_out, w_g, prep)
+        ctx.extras, ctx.consumed = (w_pred, w_err, w_out, w_g, prep), False
         return F.gelu(pre), gates.sum(-1).mul_(1 / d)  # the mean, in fewer dispatched ops
 
     @staticmethod
     def backward(ctx, dout, dgm):
+        # The backward overwrites saved buffers it no longer needs (no fresh (B, N, K, C)
+        # allocations), so it can run once per forward: a second backward through the same
+        # graph (retain_graph=True) would read them overwritten, and is refused instead.
+        if ctx.consumed:
+            raise RuntimeError(
+                "the gather backend's fused AFMP layer can run its backward once per forward "
+                "(it reuses its saved buffers); use backend='reference' to backpropagate twice"
+            )
+        ctx.consumed = True
         h2, t2, w, U, q, qu, m_j, k_j, hidden, diff, err, s, gates, pre = ctx.saved_tensors
         w_pred, w_err, w_out, w_g, prep = ctx.extras
         batch, n, k, d = gates.shape
         r, f = U.shape[0], hidden.shape[-1]
         dpre = torch.ops.aten.gelu_backward(dout, pre).unsqueeze(2)  # (B, N, 1, D)
         rows = prep.rows
-        dm = _scatter(gates * dpre, rows)
         # Gates and aggregate. The kept gate kg serves for both factors of k g (1 - g), k in {0, 1}.
-        dact = (m_j * dpre).add_(dgm.unsqueeze(-1), alpha=1 / d).mul_(gates)
+        # Saved buffers are overwritten once read for the last time (m_j, gates, k_j, hidden, diff).
+        dact = m_j.mul_(dpre).add_(dgm.unsqueeze(-1), alpha=1 / d).mul_(gates)
         dact.addcmul_(dact, gates, value=-1)
+        dm = _scatter(gates.mul_(dpre), rows)
         ds = dact.view(-1, d).mv(w_g).view(batch, n, k, 1)  # 0 where no gate was kept (pruned, padding)
         dw_g = _weight_grad(dact, s)
         db_g = dact.sum((0, 1, 2))
         # Scores.
         dqu = torch.bmm(ds.view(batch * n, 1, k), k_j.view(batch * n, k, r)).view(-1, r)
-        dk = _scatter(ds * qu.view(batch, n, 1, r), rows)
+        dk = _scatter(torch.mul(ds, qu.view(batch, n, 1, r), out=k_j), rows)
         dw_out = _weight_grad(hidden, ds)
-        dz = torch.ops.aten.threshold_backward(ds * w_out, hidden, 0)  # relu's backward, one op
+        # relu's backward, over the hidden layer: sign(relu(z)) is its mask.
+        dz = hidden.sign_().mul_(ds).mul_(w_out)
         db = _scatter(dz, rows)
         # Lengths shared by every example (N, K, 1), or one scaffold per example (B, N, K, 1).
         dw_len = _weight_grad(dz.sum(0) if prep.length.dim() == 3 else dz, prep.length)
