@@ -150,6 +150,10 @@ def test_auto_on_the_cpu_picks_the_stencil_from_a_10x10_grid_up():
     assert select_edge_backend("auto", "cpu", scaffold.delaunay_grid(7, 7)).name == "gather"  # mnist5k
     assert select_edge_backend("auto", "cpu", scaffold.delaunay_grid(4, 4)).name == "gather"  # digits
     assert select_edge_backend("reference", "cpu").name == "reference"
+    # Compiled, the stencil at every size (a point set, no stencil, still gets gather).
+    from afmp.ops import AUTO
+
+    assert AUTO[("cpu", True)][0] == ("stencil", 0) and AUTO[("cpu", True)][1][0] == "gather"
 
 
 def test_auto_on_cuda_names_only_backends_with_a_gpu_record():

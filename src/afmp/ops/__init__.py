@@ -56,12 +56,14 @@ class EdgeBackend(Backend):
 # picks", "AFMP at the sizes people train"), keyed by (device type, compiled): (backend,
 # fewest tokens per image it is taken for). On the CPU the stencil wins from a 10x10 grid up
 # (and uses under half the memory); below, gather's few batched ops win (8% at 8x8, 8-30%
-# over packed from 4x4 to 16x16).
+# over packed from 4x4 to 16x16). Compiled, the stencil wins at every size measured: Inductor
+# fuses its per-offset passes, while a compiled gather step was slower than an eager one
+# (docs/results.md, "Compiling the training step": 7x7, and 4x4 in a loaded run).
 CPU_SMALL_GRID = 100
 # On CUDA, auto takes only backends in CUDA_RECORD (a test holds it to that).
 AUTO: dict[tuple[str, bool], list[tuple[str, int]]] = {
     ("cpu", False): [("stencil", CPU_SMALL_GRID), ("gather", 0), ("reference", 0)],
-    ("cpu", True): [("stencil", CPU_SMALL_GRID), ("gather", 0), ("reference", 0)],
+    ("cpu", True): [("stencil", 0), ("gather", 0), ("reference", 0)],
     ("cuda", False): [("stencil", 0), ("reference", 0)],
     ("cuda", True): [("stencil", 0), ("reference", 0)],
 }
@@ -76,7 +78,7 @@ H200_CHECK = (
 CUDA_RECORD: dict[str, str] = {
     "reference": "ran on an H100 80GB (torch 2.11) on 2026-11-23: docs/results.md, 'AFMP's per-edge stage alone'",
     "stencil": H200_CHECK + ": docs/results.md, 'Backends checked on a GPU'",
-    "gather": H200_CHECK,
+    "gather": H200_CHECK + " (its two halves; its whole-layer op, ops/fused_layer.py, has not run on a GPU)",
     "packed": H200_CHECK,
     "triton": H200_CHECK + " (compiled kernels, not the interpreter); not yet timed there",
 }
