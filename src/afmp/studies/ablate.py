@@ -24,7 +24,8 @@ a results.json) are kept, and with ``--resume`` a half-trained run continues fro
 last epoch instead of starting again.
 ``--jobs N`` trains N runs at once, each in a process of
 its own with cores / N torch threads (afmp.utils.parallel); the runs' numbers are those of
-a serial study.
+a serial study with as many threads per run (``--threads``): torch's CPU reductions split
+their sums by thread, so the thread count alone can move the last digits.
 """
 
 from __future__ import annotations

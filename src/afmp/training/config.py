@@ -88,8 +88,13 @@ RUNTIME_ONLY = frozenset(
         "resolved_model",
         "threads",
         "machine",
+        "compile_resolved",  # what auto chose there: it follows the device
     }
 )
+
+
+# What a run's config.yaml records beside its settings (afmp.training.build): not settings.
+RECORDED = ("resolved_model", "machine", "compile_resolved")
 
 
 # -- checking the settings ----------------------------------------------------------------
@@ -284,11 +289,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     data_opts = parse_key_values(args.data_opt, flag="--data-opt", example="num_train=2000")
     values["model_opts"] = {**values.get("model_opts", {}), **model_opts}
     values["data_opts"] = {**values.get("data_opts", {}), **data_opts}
-    for recorded in (
-        "resolved_model",
-        "machine",
-        "compile_resolved",
-    ):  # in a run's own config.yaml, passed back in
+    for recorded in RECORDED:  # in a run's own config.yaml, passed back in
         values.pop(recorded, None)
     unknown = sorted(set(values) - valid)
     if unknown:
