@@ -59,7 +59,8 @@ def known_clocks(monkeypatch):
     return batches
 
 
-def test_the_bench_fits_exponents_to_the_numbers_it_measured(tmp_path, known_clocks, capsys):
+def test_the_bench_fits_exponents_to_the_numbers_it_measured(tmp_path, known_clocks, capsys, monkeypatch):
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0")  # recorded: it changes CPU times
     out = tmp_path / "sets"
     argv = ["bench", "sets", "--models", "afmp_points,graph_gat", "--points", "100,200,300,400"]
     argv += ["--repeats", "1", "--warmup", "0", "--device", "cpu", "--out", str(out)]
@@ -107,7 +108,10 @@ def test_the_bench_fits_exponents_to_the_numbers_it_measured(tmp_path, known_clo
         assert float(fit["flops_exp"]) == pytest.approx(np.polyfit(x, y, 1)[0], rel=1e-9)
     printed = capsys.readouterr().out
     assert "| afmp_points | uniform | 2 | 200–400 | 1.25 | 0.90 |" in printed
-    assert json.loads((out / "bench_config.json").read_text())["layouts"] == ["uniform"]
+    config = json.loads((out / "bench_config.json").read_text())
+    assert config["layouts"] == ["uniform"] and config["allocator_env"] == {
+        "GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"
+    }
     assert (out / "time_vs_points.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from functools import partial
 from pathlib import Path
 
@@ -64,6 +65,13 @@ FIT_COLUMNS = [
     "flops_exp",
 ]
 CPU = torch.device("cpu")
+ALLOCATOR_ENV = (
+    "GLIBC_TUNABLES",
+    "LD_PRELOAD",
+    "MALLOC_ARENA_MAX",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+)
 
 
 # -- command line (afmp.bench.cli adds the options every study shares) -----------------------
@@ -262,7 +270,10 @@ def sets_study(cfg, args, calib: dict, out: Path, meta: dict) -> int:
         [int(d) for d in args.dims or ["2"]],
         args.graph or "delaunay",
     )
-    meta.update(layouts=layouts, dims=dims, graph=graph)
+    # How the C allocator was set: on the CPU it decides how much of a large set's step is
+    # page faults (docs/results.md, "Scaling on sets").
+    allocator = {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ}
+    meta.update(layouts=layouts, dims=dims, graph=graph, allocator_env=allocator)
     write_json(out / "bench_config.json", meta)
     rows = run_sets(cfg, layouts, dims, graph, calib)
     fitted = fits(rows)
