@@ -69,6 +69,7 @@ def test_help_and_no_study_list_every_shipped_study(capsys):
         "mnist5k-lambda",
         "mnist5k-pareto",
         "mnist5k-sparsity",
+        "mnist5k-superpixels",
         "mnist5k-topdown",
         "pareto",
         "scaling",

@@ -20,6 +20,57 @@ def test_hand_made_layout_has_literal_neighbours():
     assert sc.length[0].tolist() == pytest.approx([2.0, 2.0, 2**0.5, 0.0])
 
 
+def test_lists_from_edges_are_literal_rows_sorted_with_padding():
+    # Repeats, both directions, a self-loop and a token with no edge (3): one row each.
+    edges = np.array([[2, 0], [0, 1], [1, 0], [3, 3], [2, 1], [0, 2], [4, 1]])
+    positions = np.array([[0, 0], [3, 0], [0, 4], [9, 9], [3, 1]], dtype=float)
+    sc = scaffold.from_edges(edges, positions)
+    assert sc.neighbors.tolist() == [[1, 2, 0], [0, 2, 4], [0, 1, 2], [3, 3, 3], [1, 4, 4]]
+    assert sc.mask.tolist() == [
+        [True, True, False],
+        [True, True, True],
+        [True, True, False],
+        [False, False, False],
+        [True, False, False],
+    ]
+    assert sc.slots.tolist() == [0, 1, 3, 4, 5, 6, 7, 12]
+    assert sc.length.tolist() == [[3, 4, 0], [3, 5, 1], [4, 5, 0], [0, 0, 0], [1, 0, 0]]
+    # No edge at all: one padding slot per token.
+    lone = scaffold.from_edges(np.zeros((0, 2), dtype=np.int64), positions[:2])
+    assert lone.neighbors.tolist() == [[0], [1]] and not lone.mask.any() and lone.num_edges == 0
+
+
+def loop_lists(edges, n):
+    """The padded lists built edge by edge, as from_edges did before it was vectorised."""
+    adjacency = [set() for _ in range(n)]
+    for a, b in edges:
+        if a != b:
+            adjacency[a].add(int(b))
+            adjacency[b].add(int(a))
+    k = max(1, max(len(s) for s in adjacency))
+    neighbors, mask = np.tile(np.arange(n)[:, None], (1, k)), np.zeros((n, k), dtype=bool)
+    for i, row in enumerate(adjacency):
+        neighbors[i, : len(row)], mask[i, : len(row)] = sorted(row), True
+    return neighbors, mask
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_lists_from_edges_match_the_edge_by_edge_loop_on_random_graphs(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 60))
+    edges = rng.integers(0, n, size=(int(rng.integers(0, 4 * n)), 2))
+    positions = rng.normal(size=(n, 3))
+    sc = scaffold.from_edges(edges, positions)
+    neighbors, mask = loop_lists(edges, n)
+    np.testing.assert_array_equal(sc.neighbors.numpy(), neighbors)
+    np.testing.assert_array_equal(sc.mask.numpy(), mask)
+    np.testing.assert_allclose(
+        sc.length.numpy(),
+        np.linalg.norm(positions[neighbors] - positions[:, None], axis=-1) * mask,
+        rtol=1e-6,
+    )
+
+
 def test_window_layout_at_the_sequence_ends():
     sc = scaffold.window(5, 2)
     assert neighbour_sets(sc) == [[1, 2], [0, 2, 3], [0, 1, 3, 4], [1, 2, 4], [2, 3]]

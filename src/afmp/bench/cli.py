@@ -1,4 +1,4 @@
-"""`afmp bench [scaling|pareto|edge|runtime]`: measure what models cost, and write the numbers and plots.
+"""`afmp bench [scaling|pareto|edge|runtime|sets]`: measure what models cost, and write the numbers and plots.
 
     afmp bench                                   # the scaling study, a default set for this device
     afmp bench scaling --models afmp_small,deit_tiny_sdpa --resolutions 64,224,448 --batch-size 64 \\
@@ -6,6 +6,7 @@
     afmp bench pareto --runs runs/a runs/b --out bench/pareto
     afmp bench edge --resolutions 224,448        # AFMP's edge stage alone, per backend
     afmp bench runtime --models afmp_tiny        # batch-1 CPU latency: eager, compiled, onnxruntime
+    afmp bench sets --points 1000,4000,16000 --layouts uniform,clustered --dims 2,3   # point sets
 
 Without --models/--resolutions the defaults depend on the device: on the CPU a set
 that finishes in about two minutes on two cores; on a GPU the paper's comparison
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from afmp.bench import pareto, plots, runtime, scaling
+from afmp.bench import pareto, plots, runtime, scaling, sets
 from afmp.measure import roofline
 from afmp.utils.errors import usage_errors
 from afmp.utils.files import write_json, write_table
@@ -39,6 +40,7 @@ DEFAULTS = {
         dtype="float32",
         warmup=1,
         repeats=3,
+        num_classes=1000,
     ),
     "cuda": dict(
         models=[
@@ -54,6 +56,7 @@ DEFAULTS = {
         dtype="bfloat16",
         warmup=3,
         repeats=10,
+        num_classes=1000,
     ),
 }
 
@@ -108,7 +111,7 @@ def scaling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile", action="store_true", help="torch.compile every model (or per model: @compile=true)"
     )
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--num-classes", type=int, help="classes of every model's head (default 1000)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -125,6 +128,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "pareto": ("test accuracy of trained runs against their FLOPs and latency at batch 1 and 64", None),
         "edge": ("AFMP's per-edge stage alone, per backend: bytes moved against the copy bandwidth", None),
         "runtime": ("CPU latency of eager PyTorch, torch.compile and the ONNX export in onnxruntime", None),
+        "sets": (
+            "point-set models on synthetic sets as the points grow, and the scaffold's construction",
+            None,
+        ),
     }
     parsers = {
         name: sub.add_parser(name, help=text, description=text, argument_default=argparse.SUPPRESS)
@@ -139,17 +146,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     model_options(parsers["edge"])
     size_options(parsers["edge"])
     runtime.add_arguments(parsers["runtime"])
+    common_options(parsers["sets"])
+    model_options(parsers["sets"])
+    sets.add_arguments(parsers["sets"])
     for parser in parsers.values():  # argument_default does not reach options given a default
         for action in parser._actions:
             action.default = argparse.SUPPRESS
-    p.set_defaults(study="scaling", runs=None)
+    p.set_defaults(study="scaling", runs=None, layouts=None, dims=None, graph=None)  # the last three: sets'
 
 
 def config_from_args(args: argparse.Namespace) -> scaling.BenchConfig:
     from afmp.utils.runtime import resolve_device
 
     device = resolve_device(args.device)
-    defaults = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+    defaults = sets.DEFAULTS if args.study == "sets" else DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     pick = lambda value, key: defaults[key] if value is None else value  # noqa: E731
     return scaling.BenchConfig(
         models=args.models.split(",") if args.models else defaults["models"],
@@ -163,7 +173,7 @@ def config_from_args(args: argparse.Namespace) -> scaling.BenchConfig:
         compile=args.compile,
         warmup=pick(args.warmup, "warmup"),
         repeats=pick(args.repeats, "repeats"),
-        num_classes=args.num_classes,
+        num_classes=pick(args.num_classes, "num_classes"),
         model_opts=parse_key_values(args.model_opt, flag="--model-opt", example="d_model=64"),
         out=args.out or f"bench/{args.study}",
         recalibrate=args.recalibrate,
@@ -175,6 +185,8 @@ def main(args: argparse.Namespace) -> int:
         return runtime.main(args)
     with usage_errors():
         cfg = config_from_args(args)
+        if args.study == "sets":
+            sets.check_models(cfg.models)
         use_threads(args.threads)
     device = torch.device(cfg.device)
     out = Path(cfg.out)
@@ -212,6 +224,8 @@ def main(args: argparse.Namespace) -> int:
         from afmp.bench import edge
 
         return edge.edge_study(cfg, device, out, meta)
+    if args.study == "sets":
+        return sets.sets_study(cfg, args, calib, out, meta)
     write_json(out / "bench_config.json", meta)
     rows = scaling.run_scaling(cfg, calib)
     write_table(out, "scaling", rows, scaling.COLUMNS)

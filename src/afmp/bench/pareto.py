@@ -4,7 +4,9 @@ Each run directory holds results.json (``test_accuracy``), model.json and
 model.safetensors (written by ``afmp train``). Every model is measured in inference
 at its own trained size, with the scaling study's machinery (interleaved timing,
 counted costs), and plotted with its Pareto frontier: a run is on the frontier
-when no other run is both cheaper and more accurate.
+when no other run is both cheaper and more accurate. A point-set model's size is the
+largest set of its data (results.json's ``data``), where training counts its FLOPs
+(afmp.training.batch_size): every set of the batch-64 step is padded to about that.
 """
 
 from __future__ import annotations
@@ -24,9 +26,13 @@ CSV_COLUMNS = [
 ]  # fmt: skip
 
 
+UNITS = {"img_size": "image", "max_len": "sequence", scaling.POINTS: "set"}
+
+
 def panels(rows: list[dict]) -> list[tuple[str, str]]:
     """The plot's (column, axis label) pairs, in the units of the runs' inputs."""
-    unit = "sequence" if rows and all(r.get("tokens") == r.get("resolution") for r in rows) else "image"
+    units = {UNITS[scaling.size_field(r["model"])] for r in rows}
+    unit = units.pop() if len(units) == 1 else "input"
     return [
         ("matmul_gflops", f"GFLOP per {unit} (matmul)"),
         ("ms_b1", "latency, batch 1 (ms)"),
@@ -46,11 +52,24 @@ def read_accuracy(run: Path) -> float:
     return float(results["test_accuracy"])
 
 
-def loader(run: Path, device):
+def bench_size(run: Path, spec: dict) -> int:
+    """The size ``run`` (model.json's ``spec``) is measured at: its image side, its sequence
+    length, or for a point-set model the largest set of its data (see the module's docstring)."""
+    sized = scaling.size_field(spec["model"])
+    if sized != scaling.POINTS:
+        return spec["config"][sized]
+    data = json.loads((run / "results.json").read_text()).get("data", {})
+    if "tokens_min_mean_max" not in data:
+        raise ValueError(
+            f"{run}/results.json has no data.tokens_min_mean_max; expected a point-set run of afmp train"
+        )
+    return int(data["tokens_min_mean_max"][2])
+
+
+def loader(run: Path, device, size: int):
     def make() -> scaling.BenchModel:
         module = load_checkpoint(run, device=device)
-        sized = scaling.size_field(module.model_name)
-        return scaling.registered_bench_model(module, sized, getattr(module.cfg, sized))
+        return scaling.registered_bench_model(module, scaling.size_field(module.model_name), size)
 
     return make
 
@@ -64,11 +83,8 @@ def run_pareto(runs: list[str], cfg: scaling.BenchConfig, calib: dict, device, l
         bcfg = dataclasses.replace(cfg, batch_size=batch, mode="infer")
         todo = []
         for p, label in zip(paths, labels):
-            spec = json.loads((p / "model.json").read_text())
-            row = scaling.blank_row(
-                label, spec["config"].get("img_size", spec["config"].get("max_len")), bcfg
-            )
-            todo.append((row, loader(p, device)))
+            size = bench_size(p, json.loads((p / "model.json").read_text()))
+            todo.append((scaling.blank_row(label, size, bcfg), loader(p, device, size)))
         measured[batch] = scaling.bench_one_size(todo, bcfg, calib, device, log)
     rows = []
     for p, label, one, many in zip(paths, labels, measured[1], measured[64]):

@@ -73,8 +73,15 @@ def ablation_lines(rows: list[dict]) -> list[str]:
     ]
 
 
-def pareto_lines(name: str, rows: list[dict], labels: list[str], device: str, repeats: int) -> list[str]:
-    """The accuracy and cost table, the frontiers against FLOPs and latency, the verdict on the claim."""
+VERDICTS = ("frontiers", "paired")  # what a pareto study's claim is read from (its ``verdict:``)
+
+
+def pareto_lines(
+    name: str, rows: list[dict], labels: list[str], device: str, repeats: int, verdict_from: str = "frontiers"
+) -> list[str]:
+    """The accuracy and cost table, the frontiers against FLOPs and latency, the verdict on the
+    claim: the pareto claim's, from the frontiers; with ``verdict_from="paired"`` the claim is
+    a paired comparison, which the report's last section gives."""
     from afmp.bench import plots
 
     lines = [
@@ -110,6 +117,8 @@ def pareto_lines(name: str, rows: list[dict], labels: list[str], device: str, re
         (False, True): "not supported here: AFMP is on a latency frontier but not on the FLOPs one.",
         (False, False): "not supported here: AFMP is on no frontier.",
     }[flops, latency]
+    if verdict_from == "paired":
+        verdict = f"the claim is a paired comparison: see the differences against {labels[0]} below."
     lines += [
         "",
         f"Verdict: {verdict} The frontiers go through mean accuracies; differences smaller than "

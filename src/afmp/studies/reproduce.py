@@ -53,7 +53,13 @@ DATA_SHAPES = {  # name -> (training images before the validation split, image s
     "tiny-imagenet": (100_000, 64, 3, 200),
     "mnist5k": (4_000, 28, 1, 10),  # its split: 3,500 train + 500 val; 1,000 test apart
     "digits": (1_617, 8, 1, 10),
+    # A point-set data set: its largest set's points (docs/results.md), features per point.
+    "mnist5k-superpixels": (4_000, 83, 3, 10),
 }
+POINT_SETS = {"mnist5k-superpixels": 2}  # the point-set data sets, and their positions' dimensions
+# What a pareto study's entry may set for its own runs besides model and model_opts: a
+# data set of its own, for a reference model on another view of the same images.
+ENTRY_SETTINGS = ("dataset",)
 
 
 def studies() -> dict[str, Path]:
@@ -78,6 +84,10 @@ def load_study(name: str, sets: list[str] | None = None) -> dict:
         node[last] = value
     if study.get("kind") not in KINDS:
         raise UsageError(f"{name}: kind must be one of {', '.join(KINDS)}, got {study.get('kind')!r}")
+    if study.get("verdict", "frontiers") not in report.VERDICTS:
+        raise UsageError(
+            f"{name}: verdict must be one of {', '.join(report.VERDICTS)}, got {study['verdict']!r}"
+        )
     seeds = study.get("seeds", 1)
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
         raise UsageError(f"{name}: seeds must be an integer >= 1, got {seeds!r}")
@@ -118,6 +128,7 @@ def planned_runs(study: dict, args, out: Path) -> list[tuple[str, int, object]]:
                     args,
                     model=entry["model"],
                     model_opts=dict(entry.get("model_opts", {})),
+                    **{key: entry[key] for key in ENTRY_SETTINGS if key in entry},
                     seed=seed,
                     out=str(out / entry["label"] / f"seed{seed}"),
                 )
@@ -180,7 +191,9 @@ def run_pareto_study(name: str, study: dict, runs, out: Path, args) -> list[str]
     plots.plot_pareto(
         rows, out / "pareto.png", pareto.panels(rows), title=f"{name}: test accuracy against cost"
     )
-    return report.pareto_lines(name, rows, labels, calib["device"], cfg.repeats)
+    return report.pareto_lines(
+        name, rows, labels, calib["device"], cfg.repeats, study.get("verdict", "frontiers")
+    )
 
 
 def run_scaling_study(name: str, study: dict, out: Path, args) -> list[str]:
@@ -221,7 +234,10 @@ def step_cost(cfg, device) -> dict:
     if cfg.dataset not in DATA_SHAPES:
         raise UsageError(f"--dry-run knows the shapes of {', '.join(DATA_SHAPES)}, not {cfg.dataset!r}")
     _, side, chans, classes = DATA_SHAPES[cfg.dataset]
-    data_args = {"img_size": side, "in_chans": chans, "num_classes": classes}
+    sized, data_args = "img_size", {"img_size": side, "in_chans": chans, "num_classes": classes}
+    if cfg.dataset in POINT_SETS:  # side: points per set; chans: features per point
+        sized = scaling.POINTS
+        data_args = {"in_features": chans, "pos_dim": POINT_SETS[cfg.dataset], "num_classes": classes}
     bcfg = scaling.BenchConfig(
         models=[cfg.model],
         resolutions=[side],
@@ -236,7 +252,7 @@ def step_cost(cfg, device) -> dict:
         module = create_model(cfg.model, **model_args_for_data(cfg.model, data_args, cfg.model_opts)).to(
             device
         )
-        return scaling.registered_bench_model(module, "img_size", side)
+        return scaling.registered_bench_model(module, sized, side)
 
     (row,) = scaling.bench_one_size(
         [(scaling.blank_row(cfg.model, side, bcfg), make)], bcfg, calib, device, lambda *a, **k: None
@@ -277,7 +293,7 @@ def dry_run(name: str, study: dict, runs, args) -> list[dict]:
     print("|---|---|---|---|---|---|---|---|---|" + ("---|" if rate else ""))
     seen: dict[str, dict] = {}
     for label, _, cfg in runs:
-        key = json.dumps([cfg.model, cfg.model_opts, cfg.batch_size], sort_keys=True)
+        key = json.dumps([cfg.model, cfg.model_opts, cfg.batch_size, cfg.dataset], sort_keys=True)
         if key not in seen:
             seen[key] = {"label": label, "cfg": cfg, "runs": 0, **step_cost(cfg, device)}
         seen[key]["runs"] += 1

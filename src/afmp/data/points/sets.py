@@ -34,7 +34,7 @@ KEYS = ("features", "positions", "neighbors", "mask", "length")
 def point_graph(positions: np.ndarray, graph: str = "delaunay", k: int = 8) -> dict[str, np.ndarray]:
     """The scaffold of one example's ``positions`` (N, d): neighbors, mask, length (see above)."""
     positions = np.asarray(positions, dtype=np.float64)
-    check_positions(positions)
+    unit = check_positions(positions).mean()  # the length unit: mean nearest-neighbour distance
     if graph == "delaunay":
         edges = scaffolds.delaunay_edges(positions)
     elif graph == "knn":
@@ -47,12 +47,13 @@ def point_graph(positions: np.ndarray, graph: str = "delaunay", k: int = 8) -> d
     return {
         "neighbors": sc.neighbors.numpy().astype(np.int64),
         "mask": mask,
-        "length": (length / length_unit(positions)) * mask,
+        "length": (length / unit) * mask,
     }
 
 
-def check_positions(positions: np.ndarray) -> None:
-    """A one-line ValueError for positions no scaffold can be built on."""
+def check_positions(positions: np.ndarray) -> np.ndarray:
+    """A one-line ValueError for positions no scaffold can be built on; else each point's
+    distance to its nearest other point (found on the way)."""
     if positions.ndim != 2 or positions.shape[1] not in (2, 3):
         raise ValueError(f"positions must be (N, 2) or (N, 3), got shape {positions.shape}")
     if positions.shape[0] < 3:
@@ -64,6 +65,7 @@ def check_positions(positions: np.ndarray) -> None:
     if (distance == 0).any():
         row = int(np.flatnonzero(distance == 0)[0])
         raise ValueError(f"points {row} and {int(index[row])} share the position {positions[row].tolist()}")
+    return distance
 
 
 def nearest(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -74,11 +76,6 @@ def nearest(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # Where two points coincide, either may come first: the other one is the neighbour.
     own = index[:, 0] == np.arange(len(positions))
     return distance[:, 1], np.where(own, index[:, 1], index[:, 0])
-
-
-def length_unit(positions: np.ndarray) -> float:
-    """The mean distance from each point to its nearest other point."""
-    return float(nearest(positions)[0].mean())
 
 
 class PointSets(Dataset):
