@@ -336,7 +336,7 @@ def test_pareto_front_and_exponent():
     assert plots.scaling_exponent([1, 2, 4, 8], [3 * x**2 for x in (1, 2, 4, 8)]) == pytest.approx(2.0)
 
 
-def test_pareto_end_to_end(tmp_path):
+def test_pareto_end_to_end(tmp_path, capsys):
     runs = []
     for name, acc in (("dense", 61.5), ("sparse", 60.0)):
         model = afmp.create_model("afmp_tiny_dense" if name == "dense" else "afmp_tiny", num_classes=10)
@@ -358,6 +358,13 @@ def test_pareto_end_to_end(tmp_path):
     assert (out / "pareto.png").stat().st_size > 0
     with pytest.raises(FileNotFoundError, match="results.json"):
         cli.pareto.read_accuracy(tmp_path)
+    (tmp_path / "results.json").write_text(json.dumps({"test_accuracy": None}))  # an afmp tune trial's
+    with pytest.raises(ValueError, match="was never tested \\(an afmp tune trial\\?\\)"):
+        cli.pareto.read_accuracy(tmp_path)
+    # From the command line: one line, exit 2, nothing written.
+    bad_out = tmp_path / "never"
+    assert afmp_cli.main([*argv[:2], "--runs", str(tmp_path), "--device", "cpu", "--out", str(bad_out)]) == 2
+    assert "was never tested" in capsys.readouterr().err and not bad_out.exists()
 
 
 def test_edge_study_writes_the_stage_bandwidth_per_backend(tmp_path):

@@ -187,6 +187,9 @@ def main(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         if args.study == "sets":
             sets.check_models(cfg.models)
+        if args.study == "pareto":  # every run finished and tested, before anything is written
+            for run in args.runs:
+                pareto.read_accuracy(Path(run))
         use_threads(args.threads)
     device = torch.device(cfg.device)
     out = Path(cfg.out)

@@ -49,6 +49,10 @@ def read_accuracy(run: Path) -> float:
         raise ValueError(
             f"{path} has no test_accuracy; expected the results.json of a finished afmp train run"
         )
+    if results["test_accuracy"] is None:  # a trial of afmp tune: trained without reading the test split
+        raise ValueError(
+            f"{path} was never tested (an afmp tune trial?); expected a run trained with afmp train"
+        )
     return float(results["test_accuracy"])
 
 
