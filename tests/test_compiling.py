@@ -14,14 +14,15 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # choose reads the type a
 PAYS = compiling.CPU_PAYS_AFTER_STEPS
 
 
-def test_auto_compiles_a_cpu_run_from_the_measured_crossover_and_graphs_on_cuda():
+def test_auto_compiles_a_cpu_run_from_the_measured_crossover_and_stays_eager_on_cuda():
     # The crossover itself: the measured compile time over the measured saving per step.
     assert PAYS == round(
         compiling.CPU_COMPILE_S / (compiling.CPU_EAGER_STEP_S - compiling.CPU_COMPILED_STEP_S)
     )
     assert compiling.choose("auto", CPU, PAYS - 1).mode == "off"
     assert compiling.choose("auto", CPU, PAYS).mode == "on"
-    assert compiling.choose("auto", CUDA, 1).mode == "graphs"
+    # No compile mode has been timed on a GPU: auto stays with what has run there.
+    assert compiling.choose("auto", CUDA, 10**9).mode == "off"
     assert (
         f"{PAYS - 1} steps on the CPU, fewer than the {PAYS}"
         in compiling.choose("auto", CPU, PAYS - 1).reason

@@ -7,7 +7,9 @@
             recorded as CUDA graphs and each step's forward and backward replay as one
             launch each, which is what a launch-bound step (a small grid) needs. On the
             CPU there is nothing to record and it is ``on``.
-    auto    (the default) by the measured crossovers below.
+    auto    (the default) on the CPU, by the measured crossover below; on CUDA eager, until
+            a GPU run of scripts/gpu_train_modes.py has timed the modes (the same rule as the
+            edge backends' CUDA_RECORD: the default is what has run on a GPU).
 
 The optimizer step stays outside the graphs. Inside one, AdamW would need ``capturable``
 state and the learning rate as a tensor that the schedule updates in place, and the
@@ -60,7 +62,9 @@ def choose(requested: str | bool, device: torch.device, steps: int) -> Choice:
     if requested != "auto":
         return Choice(requested, "as asked")
     if device.type == "cuda":
-        return Choice("graphs", "auto: a CUDA step at the grids people train is launch-bound")
+        # Eager is what has run on a GPU. `graphs` is the candidate (a small-grid CUDA step is
+        # launch-bound), to be taken here once scripts/gpu_train_modes.py has timed the modes.
+        return Choice("off", "auto: no compile mode has been timed on a GPU yet; eager has run there")
     if steps >= CPU_PAYS_AFTER_STEPS:
         return Choice(
             "on",
