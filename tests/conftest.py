@@ -26,6 +26,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def fast_calibration(tmp_path, monkeypatch):
+    """A private roofline cache and a calibration that takes milliseconds (the bench tests')."""
+    from afmp.measure import roofline
+
+    monkeypatch.setenv("AFMP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(roofline, "MATMUL_SIZES", {"cpu": (64,), "cuda": (256,)})
+    monkeypatch.setattr(roofline, "COPY_BYTES", {"cpu": 2**16, "cuda": 2**20})
+    monkeypatch.setattr(roofline, "REPEATS", 2)
+
+
 def _hold_run_lock(out, ready) -> None:
     import time
 

@@ -16,16 +16,7 @@ from afmp.bench import sets
 from afmp.data.points.sets import point_graph
 from afmp.measure import roofline, timing
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def fast_calibration(tmp_path, monkeypatch):
-    """A private roofline cache and a calibration that takes milliseconds."""
-    monkeypatch.setenv("AFMP_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(roofline, "MATMUL_SIZES", {"cpu": (64,), "cuda": (256,)})
-    monkeypatch.setattr(roofline, "COPY_BYTES", {"cpu": 2**16, "cuda": 2**20})
-    monkeypatch.setattr(roofline, "REPEATS", 2)
+pytestmark = pytest.mark.usefixtures("one_thread", "fast_calibration")
 
 
 def points_of(fn) -> int:

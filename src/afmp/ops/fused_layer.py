@@ -39,13 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from afmp.ops.edge import LayerWeights, topk_keep
-from afmp.ops.gather_edge import _as, _dtype, _rows, _weight_grad
-
-
-def _scatter(per_slot: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """(B, N, K, C) per-slot gradients summed into their neighbours' rows, (B*N, C)."""
-    c = per_slot.shape[-1]
-    return per_slot.new_zeros(rows.shape[0] // per_slot.shape[2], c).index_add_(0, rows, per_slot.view(-1, c))
+from afmp.ops.gather_edge import _as, _dtype, _rows, _scatter_rows, _weight_grad
 
 
 @dataclass(frozen=True)
@@ -125,17 +119,17 @@ class _Layer(torch.autograd.Function):
         # Saved buffers are overwritten once read for the last time (m_j, gates, k_j, hidden, diff).
         dact = m_j.mul_(dpre).add_(dgm.unsqueeze(-1), alpha=1 / d).mul_(gates)
         dact.addcmul_(dact, gates, value=-1)
-        dm = _scatter(gates.mul_(dpre), rows)
+        dm = _scatter_rows(gates.mul_(dpre), rows)
         ds = dact.view(-1, d).mv(w_g).view(batch, n, k, 1)  # 0 where no gate was kept (pruned, padding)
         dw_g = _weight_grad(dact, s)
         db_g = dact.sum((0, 1, 2))
         # Scores.
         dqu = torch.bmm(ds.view(batch * n, 1, k), k_j.view(batch * n, k, r)).view(-1, r)
-        dk = _scatter(torch.mul(ds, qu.view(batch, n, 1, r), out=k_j), rows)
+        dk = _scatter_rows(torch.mul(ds, qu.view(batch, n, 1, r), out=k_j), rows)
         dw_out = _weight_grad(hidden, ds)
         # relu's backward, over the hidden layer: sign(relu(z)) is its mask.
         dz = hidden.sign_().mul_(ds).mul_(w_out)
-        db = _scatter(dz, rows)
+        db = _scatter_rows(dz, rows)
         # Lengths shared by every example (N, K, 1), or one scaffold per example (B, N, K, 1).
         dw_len = _weight_grad(dz.sum(0) if prep.length.dim() == 3 else dz, prep.length)
         # The projection's gradient, [self | m | q | k | a | b] per token.

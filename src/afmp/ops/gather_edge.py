@@ -45,11 +45,15 @@ def _gather(x: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).index_select(0, rows).view(x.shape[0], x.shape[1], k, x.shape[-1])
 
 
+def _scatter_rows(rows_grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The adjoint of ``_gather`` on the (B*N, C) view: (B, N, K, C) rows summed back into their tokens."""
+    batch, n, _, c = rows_grad.shape
+    return rows_grad.new_zeros(batch * n, c).index_add_(0, rows, rows_grad.reshape(-1, c))
+
+
 def _scatter(rows_grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """The adjoint of ``_gather``: (B, N, K, C) rows summed back into their tokens, (B, N, C)."""
-    batch, n, _, c = rows_grad.shape
-    out = rows_grad.new_zeros(batch * n, c).index_add_(0, rows, rows_grad.reshape(-1, c))
-    return out.view(batch, n, c)
+    return _scatter_rows(rows_grad, rows).view(*rows_grad.shape[:2], rows_grad.shape[-1])
 
 
 def _weight_grad(rows: torch.Tensor, per_slot: torch.Tensor) -> torch.Tensor:

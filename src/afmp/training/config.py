@@ -74,6 +74,10 @@ class TrainConfig:
 SELECT = ("last", "best_val")
 
 
+# What a run's config.yaml records beside its settings (afmp.training.build): not settings.
+RECORDED = ("resolved_model", "machine", "compile_resolved")
+
+
 # Settings (and what a run's config.yaml records beside them) that may differ between two runs
 # without changing their results: `afmp ablate` keeps a finished run trained with others, and
 # `afmp tune` continues a study started with others (each machine its own --out).
@@ -85,16 +89,10 @@ RUNTIME_ONLY = frozenset(
         "num_workers",
         "tensorboard",
         "viz_every",
-        "resolved_model",
         "threads",
-        "machine",
-        "compile_resolved",  # what auto chose there: it follows the device
+        *RECORDED,  # compile_resolved among them: what auto chose follows the device
     }
 )
-
-
-# What a run's config.yaml records beside its settings (afmp.training.build): not settings.
-RECORDED = ("resolved_model", "machine", "compile_resolved")
 
 
 # -- checking the settings ----------------------------------------------------------------
