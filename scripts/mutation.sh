@@ -14,6 +14,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
+# One torch thread per worker. mutmut forks a worker per mutant from a process that has
+# already run torch; an OpenMP thread pool does not survive fork, so a child whose op is big
+# enough to go parallel spins until its CPU limit and is reported as a "timeout".
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
 # The scope, as mutant names (module, then x_FUNCTION or xǁCLASSǁMETHOD): the training step and
 # schedule, the loss contract, EMA, the models' forward passes, the edge stage's reference,
