@@ -49,6 +49,22 @@ def test_paired_comparison_by_seed():
     assert math.isnan(ablate.paired({0: 1.0}, {0: 2.0})["p_value"])  # one pair: no spread
 
 
+def test_paired_with_two_pairs_no_pairs_and_no_spread():
+    """Two differences, 0.5 and 1.0, both ahead although under 1: mean 0.75, sample std
+    sqrt(0.125); t = 0.75 / (sqrt(0.125) / sqrt(2)) = 3 on 1 degree of freedom (Cauchy), so
+    p = 1 - (2 / pi) atan(3) = 0.204833."""
+    got = ablate.paired({0: 90.0, 1: 80.0}, {0: 90.5, 1: 81.0})
+    assert (got["pairs"], got["ahead"]) == (2, 2)
+    assert got["diff_mean"] == pytest.approx(0.75) and got["diff_std"] == pytest.approx(0.125**0.5)
+    assert got["p_value"] == pytest.approx(1 - 2 / math.pi * math.atan(3), abs=1e-9)
+    same = ablate.paired({0: 90.0, 1: 80.0}, {0: 91.0, 1: 81.0})  # +1, +1: no spread, no test
+    assert same["diff_std"] == 0.0 and math.isnan(same["p_value"])
+    none = ablate.paired({0: 1.0}, {1: 2.0})
+    assert sorted(none) == ["ahead", "diff_mean", "diff_std", "p_value", "pairs"]
+    assert (none["pairs"], none["ahead"]) == (0, 0)
+    assert all(math.isnan(none[k]) for k in ("diff_mean", "diff_std", "p_value"))
+
+
 def test_run_configs(tmp_path):
     base = TrainConfig(out=str(tmp_path), seed=5, lr=3e-3, model_opts={"d_model": 16})
     runs = ablate.run_configs("sparsity", base, seeds=2)
