@@ -120,8 +120,12 @@ def test_a_tiny_tuned_study_end_to_end(tmp_path):
     sets = [DIGITS[0], models, "tuned.trials=1", "tuned.max_epochs=1", "train.batch_size=128"]
     sets += ["bench.warmup=0", "bench.repeats=1"]
     argv = ["reproduce", "mnist5k-pareto", "--tuned", "--seeds", "1", "--device", "cpu", "--out", str(out)]
+    argv += ["--shared", str(tmp_path / "never-run")]
     assert cli.main([*argv, *[a for s in sets for a in ("--set", s)]]) == 0
     report = (out / "report.md").read_text()
+    assert (
+        f"(No shared-recipe results in {tmp_path / 'never-run'}: run `afmp reproduce mnist5k-pareto" in report
+    )
     for label in ("small", "smaller"):
         best = json.loads((out / "search" / label / "best.json").read_text())
         assert best["budget"]["trials"] == {"complete": 1}
@@ -129,3 +133,38 @@ def test_a_tiny_tuned_study_end_to_end(tmp_path):
         assert run["config"]["lr"] == best["params"]["lr"] and run["test_accuracy"] is not None
         assert f"| {label} | {best['val_accuracy']:.2f} | 1 / 0 | 1 |" in report
     assert "## Each model's tuned recipe" in report and (out / "pareto.csv").is_file()
+
+
+def _row(run, accuracy, std, gflops, ms_b1, ms_b64):
+    return dict(
+        run=run, accuracy=accuracy, accuracy_std=std, matmul_gflops=gflops, ms_b1=ms_b1, ms_b64=ms_b64
+    )
+
+
+def test_the_report_sets_the_shared_and_tuned_recipes_side_by_side(tmp_path):
+    """Literal studies. Shared: AFMP (0.1 GFLOP, 95%) and ResNet (2.5 GFLOP, 98.5%) both on the
+    FLOPs frontier, ResNet alone on both latency ones. Tuned: AFMP at 98.75% is alone on the
+    FLOPs frontier and on both latency ones too; the ViT, not in the shared study, is the
+    fastest at batch 1 only."""
+    from afmp.utils.files import write_csv
+
+    shared = [_row("afmp_tiny", 95.0, 0.5, 0.1, 2.0, 20.0), _row("resnet", 98.5, 0.1, 2.5, 1.0, 10.0)]
+    tuned_rows = [
+        _row("afmp_tiny", 98.75, 0.2, 0.1, 2.0, 20.0),
+        _row("resnet", 98.5, 0.3, 2.5, 1.0, 10.0),
+        _row("vit", 97.0, 1.0, 1.0, 0.5, 30.0),
+    ]
+    write_csv(tmp_path / "shared" / "pareto.csv", shared)
+    write_csv(tmp_path / "tuned" / "pareto.csv", tuned_rows)
+    lines = tuned.side_by_side("mnist5k-pareto", tmp_path / "tuned", tmp_path / "shared")
+    assert lines[4:7] == [
+        "| afmp_tiny | 95.00 ± 0.50 | 98.75 ± 0.20 | +3.75 | FLOPs | FLOPs, batch 1, batch 64 |",
+        "| resnet | 98.50 ± 0.10 | 98.50 ± 0.30 | +0.00 | FLOPs, batch 1, batch 64 | batch 1, batch 64 |",
+        "| vit | — | 97.00 ± 1.00 | — | — | batch 1 |",
+    ]
+    assert lines[8:10] == [
+        "Verdict under the shared recipe: consistent with the claim: AFMP is on the FLOPs frontier and on no "
+        "latency frontier.",
+        "Verdict under the tuned recipes: not supported here: AFMP is on the FLOPs frontier and on a latency "
+        "frontier too.",
+    ]

@@ -76,13 +76,89 @@ def ablation_lines(rows: list[dict]) -> list[str]:
 VERDICTS = ("frontiers", "paired")  # what a pareto study's claim is read from (its ``verdict:``)
 
 
+AXES = {"matmul_gflops": "FLOPs", "ms_b1": "latency at batch 1", "ms_b64": "latency at batch 64"}
+
+
+def frontiers(rows: list[dict]) -> dict[str, list[str]]:
+    """Each cost axis's Pareto frontier (``AXES``' names) through the rows' mean accuracies."""
+    from afmp.bench import plots
+
+    return {
+        axis: [rows[i]["run"] for i in plots.pareto_front([(r[key], r["accuracy"]) for r in rows])]
+        for key, axis in AXES.items()
+    }
+
+
+def afmp_on(front: list[str]) -> list[str]:
+    return [run for run in front if run.startswith("afmp")]
+
+
+def frontier_verdict(fronts: dict[str, list[str]]) -> str:
+    """The pareto claim's verdict: AFMP on the FLOPs frontier and on no latency frontier."""
+    flops = bool(afmp_on(fronts["FLOPs"]))
+    latency = any(afmp_on(front) for axis, front in fronts.items() if axis != "FLOPs")
+    return {
+        (True, False): "consistent with the claim: AFMP is on the FLOPs frontier and on no latency frontier.",
+        (True, True): "not supported here: AFMP is on the FLOPs frontier and on a latency frontier too.",
+        (False, True): "not supported here: AFMP is on a latency frontier but not on the FLOPs one.",
+        (False, False): "not supported here: AFMP is on no frontier.",
+    }[flops, latency]
+
+
+def read_pareto_rows(path: Path) -> list[dict]:
+    """A pareto study's ``pareto.csv``, with the numbers the report reads as numbers."""
+    import csv
+
+    numeric = ("accuracy", "accuracy_std", "seeds", "params", "matmul_gflops", "ms_b1", "ms_b64")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [
+        {**r, **{k: float(r[k]) if r.get(k) not in (None, "") else math.nan for k in numeric}} for r in rows
+    ]
+
+
+def recipes_lines(shared: list[dict], tuned: list[dict]) -> list[str]:
+    """Each model under the study's one shared recipe and under its own tuned recipe, side by
+    side: mean test accuracy, and which frontiers it is on; then the verdict under each."""
+    fronts = {"shared": frontiers(shared), "tuned": frontiers(tuned)}
+    short = {"FLOPs": "FLOPs", "latency at batch 1": "batch 1", "latency at batch 64": "batch 64"}
+
+    def on(which: str, run: str) -> str:
+        return ", ".join(short[axis] for axis, front in fronts[which].items() if run in front) or "—"
+
+    by_run = {r["run"]: r for r in shared}
+    lines = [
+        "## The shared recipe against each model's tuned recipe",
+        "",
+        "| model | test %, shared recipe | test %, tuned | tuned − shared | frontiers, shared | frontiers, tuned |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in tuned:
+        s = by_run.get(r["run"])
+        if s is None:
+            lines.append(
+                f"| {r['run']} | — | {r['accuracy']:.2f} ± {r['accuracy_std']:.2f} | — | — | {on('tuned', r['run'])} |"
+            )
+            continue
+        lines.append(
+            f"| {r['run']} | {s['accuracy']:.2f} ± {s['accuracy_std']:.2f} | {r['accuracy']:.2f} ± {r['accuracy_std']:.2f} "
+            f"| {r['accuracy'] - s['accuracy']:+.2f} | {on('shared', r['run'])} | {on('tuned', r['run'])} |"
+        )
+    return [
+        *lines,
+        "",
+        f"Verdict under the shared recipe: {frontier_verdict(fronts['shared'])}",
+        f"Verdict under the tuned recipes: {frontier_verdict(fronts['tuned'])}",
+        "",
+    ]
+
+
 def pareto_lines(
     name: str, rows: list[dict], labels: list[str], device: str, repeats: int, verdict_from: str = "frontiers"
 ) -> list[str]:
     """The accuracy and cost table, the frontiers against FLOPs and latency, the verdict on the
     claim: the pareto claim's, from the frontiers; with ``verdict_from="paired"`` the claim is
     a paired comparison, which the report's last section gives."""
-    from afmp.bench import plots
 
     lines = [
         f"## Accuracy and cost (latency: inference on {device}, median of {repeats})",
@@ -100,23 +176,14 @@ def pareto_lines(
             f"| {vs} | {r['matmul_gflops']:.4f} | {r['ms_b1']:.2f} | {r['ms_b64']:.2f} |"
         )
     lines += ["", "## Frontiers", ""]
-    on = {}
-    axes = [("matmul_gflops", "FLOPs"), ("ms_b1", "latency at batch 1"), ("ms_b64", "latency at batch 64")]
-    for key, axis in axes:
-        pts = [(r[key], r["accuracy"]) for r in rows]
-        front = [rows[i]["run"] for i in plots.pareto_front(pts)]
-        on[axis] = [f for f in front if f.startswith("afmp")]
+    fronts = frontiers(rows)
+    for axis, front in fronts.items():
+        on = afmp_on(front)
         lines.append(
             f"- Against {axis}: frontier {', '.join(front)}; AFMP "
-            + (f"on it ({', '.join(on[axis])})." if on[axis] else "not on it.")
+            + (f"on it ({', '.join(on)})." if on else "not on it.")
         )
-    flops, latency = bool(on["FLOPs"]), any(on[axis] for _, axis in axes[1:])
-    verdict = {
-        (True, False): "consistent with the claim: AFMP is on the FLOPs frontier and on no latency frontier.",
-        (True, True): "not supported here: AFMP is on the FLOPs frontier and on a latency frontier too.",
-        (False, True): "not supported here: AFMP is on a latency frontier but not on the FLOPs one.",
-        (False, False): "not supported here: AFMP is on no frontier.",
-    }[flops, latency]
+    verdict = frontier_verdict(fronts)
     if verdict_from == "paired":
         verdict = f"the claim is a paired comparison: see the differences against {labels[0]} below."
     lines += [

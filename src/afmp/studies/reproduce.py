@@ -353,6 +353,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="first search every model's recipe with the same budget (the study's tuned: section), "
         "then train the seeds at each one's best (afmp.studies.tuned)",
     )
+    p.add_argument(
+        "--shared",
+        metavar="DIR",
+        help="--tuned: the same study run at its shared recipe, for the report's side-by-side table "
+        "(default runs/reproduce-STUDY)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -145,4 +145,25 @@ def run(name: str, study: dict, found: list, args, out: Path) -> list[str]:
             )
     runs = final_runs(study, found, best, out)
     ablate.check_runs(runs)
-    return recipe_lines(found, best) + reproduce.run_pareto_study(name, study, runs, out, args)
+    body = reproduce.run_pareto_study(name, study, runs, out, args)
+    return (
+        recipe_lines(found, best)
+        + side_by_side(name, out, Path(args.shared or f"runs/reproduce-{name}"))
+        + body
+    )
+
+
+def side_by_side(name: str, out: Path, shared: Path) -> list[str]:
+    """The shared-recipe study's table beside the tuned one (both read from their pareto.csv),
+    or how to get it when the shared study has not been run into ``shared``."""
+    from afmp.studies import report
+
+    if not (shared / "pareto.csv").is_file():
+        return [
+            f"(No shared-recipe results in {shared}: run `afmp reproduce {name} --out {shared}`, or pass "
+            "--shared with its folder, then this command again, for the two recipes side by side.)",
+            "",
+        ]
+    return report.recipes_lines(
+        report.read_pareto_rows(shared / "pareto.csv"), report.read_pareto_rows(out / "pareto.csv")
+    )
