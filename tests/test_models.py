@@ -112,6 +112,58 @@ def test_pretrained_cfg_gives_timm_the_data_each_preset_is_made_for():
     assert afmp.create_model("diffusion_text").pretrained_cfg["first_conv"] == "embed"
 
 
+def test_pretrained_cfg_of_an_image_a_point_set_and_a_text_preset_in_full():
+    """Every key timm reads: an image model gets its input size, bicubic interpolation, no
+    crop, its first layer and its data set's statistics (CIFAR-100's for AFMP-Tiny) while its
+    channels match them; a point-set model its features and position size; a text model its
+    sequence length and vocabulary; each its classes and head."""
+    common = {"classifier": "head", "license": "mit", "tag": "", "hf_hub_id": None, "url": None}
+    image = {
+        "architecture": "afmp_tiny",
+        "num_classes": 100,
+        **common,
+        "input_size": (3, 32, 32),
+        "fixed_input_size": False,
+        "interpolation": "bicubic",
+        "crop_pct": 1.0,
+        "first_conv": "patch_embed.proj",
+    }
+    cifar100 = {"mean": (0.5071, 0.4865, 0.4409), "std": (0.2673, 0.2564, 0.2762)}
+    cfg = afmp.registry.resolve_config("afmp_tiny")
+    assert afmp.registry.pretrained_cfg("afmp_tiny", cfg) == {**image, **cifar100}
+    # One channel: CIFAR-100's three means do not apply, so none is given.
+    gray = afmp.registry.resolve_config("afmp_tiny", in_chans=1)
+    assert afmp.registry.pretrained_cfg("afmp_tiny", gray) == {**image, "input_size": (1, 32, 32)}
+    points = afmp.registry.resolve_config("afmp_points")
+    assert afmp.registry.pretrained_cfg("afmp_points", points) == {
+        "architecture": "afmp_points",
+        "num_classes": 10,
+        **common,
+        "first_conv": "embed",
+        "in_features": 3,
+        "pos_dim": 2,
+    }
+    text = afmp.registry.resolve_config("diffusion_text")
+    assert afmp.registry.pretrained_cfg("diffusion_text", text) == {
+        "architecture": "diffusion_text",
+        "num_classes": 2,
+        **common,
+        "first_conv": "embed",
+        "max_len": 4096,
+        "vocab_size": 257,
+    }
+
+
+def test_resolve_config_names_the_model_whose_option_has_the_wrong_type():
+    """An option of the wrong type is refused with the model's name; valid ones override the preset."""
+    with pytest.raises(
+        ValueError, match="^option sparsity of model 'afmp_tiny' must be a finite number, got 'high'$"
+    ):
+        afmp.registry.resolve_config("afmp_tiny", sparsity="high")
+    cfg = afmp.registry.resolve_config("afmp_tiny", sparsity=0.5)
+    assert (cfg.sparsity, cfg.patch_size, cfg.num_classes) == (0.5, 8, 100)
+
+
 @pytest.mark.parametrize("name", afmp.list_models())
 def test_compiles_without_a_graph_break(name):
     torch.manual_seed(0)

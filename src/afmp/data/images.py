@@ -97,7 +97,7 @@ def split_indices(n: int, *, val_fraction: float, test_fraction: float, split_se
     within an image or two. The test split is the head of the order, so it does not change
     with ``val_fraction``.
     """
-    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+    if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
         raise ValueError(
             f"val_fraction {val_fraction} and test_fraction {test_fraction} must leave a training set"
         )
