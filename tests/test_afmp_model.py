@@ -1,5 +1,6 @@
 """AFMP's semantics and its per-token formulation (docs/model.md)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -9,7 +10,8 @@ import torch.nn.functional as F
 
 import afmp
 from afmp import scaffold
-from afmp.ops import select_edge_backend
+from afmp.ops import EDGE_BACKENDS, select_edge_backend
+from afmp.ops import edge as edge_ops
 from afmp.ops.edge import topk_keep
 from afmp.training.losses import auxiliary_loss
 
@@ -78,6 +80,31 @@ def test_per_token_formulation_equals_per_edge_computation(with_prediction, spar
                     assert gate_mean[b, i, k].item() == pytest.approx(ref.item(), abs=1e-12)
                 else:
                     assert gate_mean[b, i, k].item() == 0.0
+
+
+@pytest.mark.parametrize("with_prediction", [False, True])
+def test_layer_of_puts_the_reference_halves_together_as_the_per_edge_layer(with_prediction):
+    """edge.layer_of around the reference's two halves is the per-edge layer (per_edge_layer):
+    projections, scores, per-image top-k at sparsity 0.3, gated sum, gelu(W_self h + agg).
+    The layer is built here, not taken from the registry, whose layers are made at import."""
+    torch.manual_seed(0)
+    model = afmp.create_model(
+        "afmp_tiny", img_size=12, patch_size=3, d_model=16, k_dim=8, score_hidden=8, sparsity=0.3
+    ).double()
+    layer = model.layers[1 if with_prediction else 0]
+    sc = scaffold.delaunay_grid(3, 4)
+    h = torch.randn(2, 12, 16, dtype=torch.float64)
+    t = torch.randn(2, 12, 16, dtype=torch.float64) if with_prediction else None
+    run = edge_ops.layer_of(edge_ops.edge_scores, edge_ops.gated_aggregate)
+    with torch.no_grad():
+        out, gate_mean = run(h, t, layer.weights(), sc, 0.3)
+        expected, expected_gates = per_edge_layer(layer, h, t, sc, 0.3)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    for b in range(2):
+        for i in range(sc.num_tokens):
+            for k in range(sc.max_degree):
+                want = expected_gates[b][(i, int(sc.neighbors[i, k]))].item() if sc.mask[i, k] else 0.0
+                assert gate_mean[b, i, k].item() == pytest.approx(want, abs=1e-12)
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.3])
@@ -211,12 +238,135 @@ def test_topk_keeps_exactly_k_edges_per_image_whatever_the_other_images_score():
     assert torch.equal(topk_keep(s, mask, 5, 0.0), mask.expand(2, 3, 2))  # dense: every real edge
 
 
+def test_dense_topk_keeps_every_real_edge_without_running_any_pruning_op():
+    """Sparsity 0 is the mask itself, for a shared scaffold (int count) and per-example ones
+    (a tensor of counts): no topk, sort or scatter runs, whatever the scores."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func._overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    mask = torch.tensor([[True, False], [True, True]])
+    s = torch.tensor([[[0.1, 9.0], [-3.0, 2.0]], [[4.0, 4.0], [0.5, -0.5]]])
+    per_example = mask.expand(2, 2, 2)
+    with Ops() as ops:
+        shared_keep = topk_keep(s, mask, 3, 0.0)
+        own_keep = topk_keep(s, per_example, torch.tensor([3, 3]), 0.0)
+    expected = [[[True, False], [True, True]], [[True, False], [True, True]]]
+    assert shared_keep.tolist() == expected and own_keep.tolist() == expected
+    assert not {"topk", "sort", "argsort", "kthvalue", "scatter", "scatter_"} & set(ops.names)
+
+
 def test_the_same_weights_run_at_another_resolution():
     model = afmp.create_model("afmp_tiny", num_classes=10)
     bigger = afmp.create_model("afmp_tiny", num_classes=10, img_size=64)
     bigger.load_state_dict(model.state_dict())  # strict: no resolution-dependent weights
     assert bigger(torch.randn(2, 3, 64, 64)).shape == (2, 10)
     assert model(torch.randn(2, 3, 48, 40)).shape == (2, 10)  # other grids are built on the fly
+
+
+def test_a_one_token_image_in_float64_is_the_self_path_the_top_down_pass_and_the_head():
+    """A 16-pixel model (2x2 grid) on 8x8 images: a 1x1 grid, built on the fly, with no edges.
+    Every gate is 0, so layer l is gelu(W_self h + b_self); the top-down pass and the readout
+    follow, written out here in float64 (the centre of a 1x1 grid is (0.5, 0.5)); the
+    sparsity loss is 0."""
+    torch.manual_seed(0)
+    model = afmp.create_model(
+        "afmp_tiny",
+        img_size=16,
+        patch_size=8,
+        in_chans=1,
+        d_model=4,
+        k_dim=2,
+        score_hidden=2,
+        num_layers=3,
+        num_classes=3,
+        sparsity=0.3,
+    ).double()
+    with torch.no_grad():
+        for p in model.parameters():  # LayerNorm's scale and shift too
+            p.normal_(0.0, 0.5)
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    logits, aux = model(x, return_aux=True)
+    assert logits.dtype == torch.float64 and aux["grid"] == (1, 1)
+
+    def gelu(z):
+        return 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))
+
+    with torch.no_grad():
+        conv = model.patch_embed.proj
+        h = x.flatten(1) @ conv.weight.flatten(1).T + conv.bias  # one 8x8 patch per image
+        centre = torch.tensor([0.5, 0.5], dtype=torch.float64)
+        h = h + centre @ model.pos_embed.weight.T + model.pos_embed.bias
+        levels = []
+        for layer in model.layers:
+            h = gelu(h @ layer.proj.weight[:4].T + layer.proj.bias[:4])
+            levels.append(h)
+        levels[1] = levels[1] + levels[2] @ model.top_down[1].weight.T + model.top_down[1].bias
+        levels[0] = levels[0] + levels[1] @ model.top_down[0].weight.T + model.top_down[0].bias
+        z = levels[0]
+        normed = (z - z.mean(-1, keepdim=True)) / torch.sqrt(z.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        normed = normed * model.norm.weight + model.norm.bias
+        expected = normed @ model.head.weight.T + model.head.bias
+    torch.testing.assert_close(logits, expected, rtol=1e-10, atol=1e-12)
+    assert aux["sparsity_loss"].item() == 0.0
+    assert all(g.shape == (2, 1, 6) and not g.any() for g in aux["gates"])
+
+
+def test_forward_head_pools_normalises_and_classifies_unless_asked_not_to():
+    """forward_head: LayerNorm of the token mean, then the head; ``pre_logits`` stops before the
+    head; with global_pool "" every token is normalised and classified on its own. Written
+    out in float64 on literal-sized random features."""
+    torch.manual_seed(0)
+    model = afmp.create_model("afmp_tiny", d_model=4, num_layers=1, num_classes=3).double()
+    with torch.no_grad():
+        for p in (*model.norm.parameters(), *model.head.parameters()):
+            p.normal_(0.0, 0.5)
+    features = torch.randn(2, 5, 4, dtype=torch.float64)
+
+    def norm(z):
+        z = (z - z.mean(-1, keepdim=True)) / torch.sqrt(z.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        return z * model.norm.weight + model.norm.bias
+
+    def head(z):
+        return z @ model.head.weight.T + model.head.bias
+
+    with torch.no_grad():
+        pooled = norm(features.mean(1))
+        torch.testing.assert_close(
+            model.forward_head(features, pre_logits=True), pooled, rtol=1e-12, atol=1e-12
+        )
+        torch.testing.assert_close(model.forward_head(features), head(pooled), rtol=1e-12, atol=1e-12)
+        model.reset_classifier(3, global_pool="")
+        torch.testing.assert_close(model.forward_head(features), head(norm(features)), rtol=1e-12, atol=1e-12)
+
+
+def test_auto_in_the_model_sees_the_grid_and_runs_the_stencil_from_10x10_tokens(monkeypatch):
+    """The model hands its scaffold to ``auto``: on the CPU a 10x10 token grid runs the stencil
+    backend (once per layer), an 8x8 one does not (docs/results.md's measured order)."""
+    stencil, calls = EDGE_BACKENDS["stencil"], []
+
+    def layer(*args):
+        calls.append(1)
+        return stencil.layer(*args)
+
+    monkeypatch.setitem(EDGE_BACKENDS, "stencil", dataclasses.replace(stencil, layer=layer))
+    model = afmp.create_model(
+        "afmp_tiny", img_size=20, patch_size=2, d_model=8, k_dim=4, score_hidden=4, num_layers=2
+    )
+    with torch.no_grad():
+        model(torch.randn(1, 3, 20, 20))  # the default grid, 10x10
+        assert len(calls) == 2
+        model(torch.randn(1, 3, 16, 16))  # 8x8: below the stencil's size
+        assert len(calls) == 2
+        model(torch.randn(1, 3, 24, 22))  # 12x11, built on the fly
+        assert len(calls) == 4
 
 
 @pytest.mark.parametrize(

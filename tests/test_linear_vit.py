@@ -167,7 +167,7 @@ def _ripple_formula(attn, x, grid):
     return _affine(out, attn.proj)
 
 
-def _hydra_formula(attn, x, grid):
+def _hydra_formula(attn, x, grid, eps=1e-6):
     """Branch r's queries are the shared ones plus a rank-R term of its own, q_r = W_q x + b_q +
     U_r V_r x (V_r: rows r*R..(r+1)*R of ``down``, U_r = ``up[r]``); each branch and head attends
     linearly to the shared K/V heads; the branches' mean is projected."""
@@ -176,7 +176,9 @@ def _hydra_formula(attn, x, grid):
     k, v = _heads(k, heads), _heads(v, heads)
     low = x @ attn.down.weight.T  # (B, T, branches * R), no bias
     outs = [
-        _merge(_linear_attention(_heads(q + low[..., r * rank : (r + 1) * rank] @ attn.up[r], heads), k, v))
+        _merge(
+            _linear_attention(_heads(q + low[..., r * rank : (r + 1) * rank] @ attn.up[r], heads), k, v, eps)
+        )
         for r in range(attn.branches)
     ]
     return _affine(sum(outs) / attn.branches, attn.proj)
@@ -195,6 +197,89 @@ FORMULAS = {
     "hydra_vit": _hydra_formula,
     "hydra_bolya_vit": _hydra_bolya_formula,
 }
+
+
+def _ripple_by_hand(attn, x, grid, pool, finest_of, eps):
+    """RippleAttention on a small grid, from literal pooling weights: row m of ``pool`` (M, gh*gw)
+    averages grid tokens into pooled key/value m (the finest stage's rows first); grid token n
+    reads the finest pooled value ``finest_of[n]`` (nearest upsampling), through the depthwise
+    3x3 conv (zero padding); the prefix tokens are attended as they are."""
+    gh, gw = grid
+    b, t, c = x.shape
+    prefix = t - gh * gw
+    pool = torch.tensor(pool, dtype=x.dtype)
+    q, k, v = (_heads(u, attn.num_heads) for u in _affine(x, attn.qkv).chunk(3, -1))
+    keys = torch.cat([k[:, :, :prefix], pool @ k[:, :, prefix:]], dim=2)
+    values = torch.cat([v[:, :, :prefix], pool @ v[:, :, prefix:]], dim=2)
+    out = _merge(_linear_attention(q, keys, values, eps))
+    pooled_v = _merge(pool @ v[:, :, prefix:])  # (B, M, C)
+    up = pooled_v[:, finest_of].reshape(b, gh, gw, c)
+    padded = F.pad(up, (0, 0, 1, 1, 1, 1))
+    w = attn.expand.weight[:, 0]  # (C, 3, 3)
+    conv = attn.expand.bias + sum(
+        padded[:, dy : dy + gh, dx : dx + gw] * w[:, dy, dx] for dy in range(3) for dx in range(3)
+    )
+    out = out + torch.cat([torch.zeros_like(out[:, :prefix]), conv.reshape(b, gh * gw, c)], dim=1)
+    return _affine(out, attn.proj)
+
+
+def _random_block(block):
+    block = block.double()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.5)
+    return block
+
+
+def test_ripple_attention_on_a_2x3_grid_without_prefix_tokens():
+    """A 2x3 grid, no class token, eps 2 (it weighs in the normaliser): stage 1 pools the
+    windows {0, 1, 3, 4} and {2, 5} (ceil mode), stage 2 averages those two means; the
+    expansion reads stage 1 upsampled by nearest (columns 0, 1 from the first window)."""
+    torch.manual_seed(0)
+    block = _random_block(RippleAttention(4, num_heads=2, stages=3, backend="reference", eps=2.0))
+    x = torch.randn(2, 6, 4, dtype=torch.float64)
+    pool = [
+        [0.25, 0.25, 0.0, 0.25, 0.25, 0.0],
+        [0.0, 0.0, 0.5, 0.0, 0.0, 0.5],
+        [0.125, 0.125, 0.25, 0.125, 0.125, 0.25],
+    ]
+    with torch.no_grad():
+        expected = _ripple_by_hand(block, x, (2, 3), pool, [0, 0, 1, 0, 0, 1], eps=2.0)
+        torch.testing.assert_close(block(x, (2, 3)), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_ripple_attention_on_a_1x1_grid_attends_to_its_token_as_it_is():
+    """A 1x1 grid has nothing to pool: the queries attend to the class token and the grid
+    token, and the expansion is the conv's centre tap on that token (eps 2)."""
+    torch.manual_seed(0)
+    block = _random_block(RippleAttention(4, num_heads=2, stages=3, backend="reference", eps=2.0))
+    x = torch.randn(2, 2, 4, dtype=torch.float64)
+    with torch.no_grad():
+        expected = _ripple_by_hand(block, x, (1, 1), [[1.0]], [0], eps=2.0)
+        torch.testing.assert_close(block(x, (1, 1)), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_hydra_attention_passes_its_eps_to_linear_attention():
+    """eps 2 in HydraAttention is eps 2 in every branch's normaliser (_hydra_formula)."""
+    torch.manual_seed(0)
+    block = _random_block(HydraAttention(8, num_heads=2, branches=3, rank=2, backend="reference", eps=2.0))
+    x = torch.randn(2, 9, 8, dtype=torch.float64)
+    with torch.no_grad():
+        expected = _hydra_formula(block, x, (3, 3), eps=2.0)
+        torch.testing.assert_close(block(x, (3, 3)), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_a_mixers_linear_attention_backend_is_the_one_it_was_given(monkeypatch):
+    """An explicit backend that cannot run here is refused with its reason, never replaced by
+    auto's choice: "triton" on CPU tensors without Triton's interpreter."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(1, 4, 4)
+    for block in (
+        HydraAttention(4, num_heads=2, branches=2, rank=1, backend="triton"),
+        RippleAttention(4, num_heads=2, backend="triton"),
+    ):
+        with pytest.raises(RuntimeError, match="linear-attention backend 'triton' cannot run here"):
+            block(x, (2, 2))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

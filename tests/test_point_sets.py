@@ -12,7 +12,7 @@ from afmp import scaffold as scaffolds
 from afmp.data.points import collate_point_sets, example_point_batch, point_graph
 from afmp.layers import grid_centres
 from afmp.ops import select_edge_backend
-from afmp.ops.edge import topk_keep
+from afmp.ops.edge import gather_neighbours, topk_keep
 
 
 def edge_set(neighbors, mask) -> set[tuple[int, int]]:
@@ -82,6 +82,50 @@ def test_topk_keeps_each_examples_own_share():
     keep = topk_keep(s, mask, mask.flatten(1).sum(1), 0.5)
     # Example 0 keeps 2 of 4 (0.9, 0.7); example 1 keeps 1 of its 2 (0.8), never a non-edge.
     assert keep.tolist() == [[[True, False], [False, True]], [[False, True], [False, False]]]
+
+
+def test_topk_per_example_rounds_half_to_even_keeps_ties_and_never_a_padding_slot():
+    """Example b keeps E_b - round(0.5 * E_b) of its E_b edges (2.5 -> 2, 1.5 -> 2: half to
+    even), its best real ones; padding slots stay dropped however high they score, tied best
+    edges both stay, and an example without edges keeps nothing."""
+    t, f = True, False
+    mask = torch.tensor(
+        [
+            [[t, t, t, f], [t, t, f, f]],  # 5 edges: keep 3
+            [[t, f, f, f], [t, t, f, f]],  # 3 edges: keep 1
+            [[f, f, f, f], [f, f, f, f]],  # none
+        ]
+    )
+    s = torch.tensor(
+        [
+            [[0.2, 0.9, 0.9, 5.0], [-1.0, 0.4, 7.0, 7.0]],
+            [[3.0, 9.0, 9.0, 9.0], [-2.0, 3.5, 3.5, 8.0]],
+            [[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]],
+        ]
+    )
+    keep = topk_keep(s, mask, torch.tensor([5, 3, 0]), 0.5)
+    assert keep.dtype == torch.bool
+    assert keep.tolist() == [
+        [[f, t, t, f], [f, t, f, f]],
+        [[f, f, f, f], [f, t, f, f]],
+        [[f, f, f, f], [f, f, f, f]],
+    ]
+
+
+def test_gather_neighbours_reads_each_examples_own_rows():
+    """(B, N, K) lists index rows of the flattened (B*N, C) batch; (N, K) lists are the same
+    for every example. Literal rows of x = 0..11 as (2 examples, 3 tokens, 2 channels)."""
+    x = torch.arange(12.0).view(2, 3, 2)  # row r of the flat batch is [2r, 2r + 1]
+    per_example = torch.tensor([[[1, 2], [0, 0], [2, 1]], [[4, 3], [5, 5], [3, 4]]])
+    assert gather_neighbours(x, per_example).tolist() == [
+        [[[2, 3], [4, 5]], [[0, 1], [0, 1]], [[4, 5], [2, 3]]],
+        [[[8, 9], [6, 7]], [[10, 11], [10, 11]], [[6, 7], [8, 9]]],
+    ]
+    shared = torch.tensor([[1, 2], [0, 0], [2, 1]])
+    assert gather_neighbours(x, shared).tolist() == [
+        [[[2, 3], [4, 5]], [[0, 1], [0, 1]], [[4, 5], [2, 3]]],
+        [[[8, 9], [10, 11]], [[6, 7], [6, 7]], [[10, 11], [8, 9]]],
+    ]
 
 
 def grid_model_and_its_point_twin(layout: str):

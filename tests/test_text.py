@@ -14,7 +14,7 @@ from afmp import load_checkpoint
 from afmp.data import DataUnavailable, build_dataset
 from afmp.data import listops as L
 from afmp.data.text import ByteTokenizer, WordTokenizer, pad_collate, read_agnews_csv, read_imdb_split
-from afmp.models.text import shift
+from afmp.models.text import NeighbourDiffusion, shift
 from afmp.registry import create_model
 from afmp.training.batch_size import find_batch_size, search_batch_size
 from afmp.training.train import TrainConfig, train
@@ -128,6 +128,35 @@ def test_shift_fills_with_zero_and_never_wraps():
     assert shift(x, 1).flatten().tolist() == [2, 3, 4, 0]
     assert shift(x, -2).flatten().tolist() == [0, 0, 1, 2]
     assert shift(x, 9).abs().sum() == 0
+
+
+def test_shift_moves_along_the_sequence_not_the_channels():
+    """Offsets count positions (dim 1), also when there are fewer channels than positions
+    and when the offset passes the sequence's end: 4 positions of 2 channels, literal."""
+    x = torch.tensor([[[1.0, -1.0], [2.0, -2.0], [3.0, -3.0], [4.0, -4.0]]])
+    assert shift(x, 2).tolist() == [[[3.0, -3.0], [4.0, -4.0], [0.0, 0.0], [0.0, 0.0]]]
+    assert shift(x, -3).tolist() == [[[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [1.0, -1.0]]]
+    assert shift(x, 5).tolist() == [[[0.0, 0.0]] * 4]
+    assert shift(x, -6).tolist() == [[[0.0, 0.0]] * 4]
+
+
+def test_diffusion_step_has_bias_free_projections_and_a_hidden_layer_mlp_ratio_wide():
+    """window 2: five bias-free D x D projections (the seed's, which the one-GEMM neighbour sum
+    assumes); the update MLP's hidden width is int(dim * mlp_ratio) = 6 for 4 * 1.5."""
+    step = NeighbourDiffusion(dim=4, window=2, alpha=0.5, mlp_ratio=1.5, dropout=0.0)
+    assert [(name, tuple(p.shape)) for name, p in step.named_parameters()] == [
+        ("proj.0.weight", (4, 4)),
+        ("proj.1.weight", (4, 4)),
+        ("proj.2.weight", (4, 4)),
+        ("proj.3.weight", (4, 4)),
+        ("proj.4.weight", (4, 4)),
+        ("update.0.weight", (6, 4)),
+        ("update.0.bias", (6,)),
+        ("update.3.weight", (4, 6)),
+        ("update.3.bias", (4,)),
+        ("norm.weight", (4,)),
+        ("norm.bias", (4,)),
+    ]
 
 
 def test_diffusion_window_one_is_the_seeds_left_self_right():
