@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import afmp
 from afmp import scaffold
@@ -143,22 +144,23 @@ def test_dense_variant_keeps_every_edge_and_has_no_regulariser():
     assert aux["sparsity_loss"].item() == 0.0
 
 
+class DispatchedOps(TorchDispatchMode):
+    """The names of the aten ops dispatched inside ``with DispatchedOps() as ops``."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func._overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize(("name", "topk_calls"), [("afmp_tiny_dense", 0), ("afmp_tiny", 4)])
 def test_only_the_sparse_variant_runs_top_k(name, topk_calls):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func._overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
     model = afmp.create_model(name)
     x = torch.randn(2, 3, 32, 32)
-    with Ops() as ops:
+    with DispatchedOps() as ops:
         logits, aux = model(x, return_aux=True)
         (logits.sum() + aux["sparsity_loss"]).backward()
     assert ops.names.count("topk") == topk_calls  # one per layer when pruning; none when dense
@@ -241,21 +243,10 @@ def test_topk_keeps_exactly_k_edges_per_image_whatever_the_other_images_score():
 def test_dense_topk_keeps_every_real_edge_without_running_any_pruning_op():
     """Sparsity 0 is the mask itself, for a shared scaffold (int count) and per-example ones
     (a tensor of counts): no topk, sort or scatter runs, whatever the scores."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func._overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
     mask = torch.tensor([[True, False], [True, True]])
     s = torch.tensor([[[0.1, 9.0], [-3.0, 2.0]], [[4.0, 4.0], [0.5, -0.5]]])
     per_example = mask.expand(2, 2, 2)
-    with Ops() as ops:
+    with DispatchedOps() as ops:
         shared_keep = topk_keep(s, mask, 3, 0.0)
         own_keep = topk_keep(s, per_example, torch.tensor([3, 3]), 0.0)
     expected = [[[True, False], [True, True]], [[True, False], [True, True]]]
