@@ -409,6 +409,35 @@ def test_bench_records_threads_and_load_and_warns_when_the_machine_is_busy(tmp_p
     assert "warning" not in capsys.readouterr().out
 
 
+def test_a_compiled_model_is_timed_and_its_kernels_bytes_recorded(monkeypatch):
+    """The compiled path of a bench row, with torch.compile and inductor's byte count stood
+    in for (compiling for real takes a minute here): the row is timed, not skipped. A
+    variable of the preparation's log once shadowed the count, and every compiled row was
+    skipped with a TypeError."""
+    import contextlib
+    from types import SimpleNamespace
+
+    compiled = []
+
+    def fake_compile(module, **kw):
+        compiled.append(kw)
+        return module
+
+    @contextlib.contextmanager
+    def fake_bytes():
+        counted = SimpleNamespace(bytes=0)
+        yield counted
+        counted.bytes = 2.5e9
+
+    monkeypatch.setattr(scaling.torch, "compile", fake_compile)
+    monkeypatch.setattr(scaling, "compiled_bytes", fake_bytes)
+    cfg = _config(models=["afmp_tiny@compile=true"], repeats=2, warmup=1)
+    (row,) = scaling.run_scaling(cfg, roofline.load_or_calibrate(torch.device("cpu"), torch.float32))
+    assert compiled == [{"dynamic": False}]
+    assert (row["note"], row["compile"], row["compiled_gbytes"], row["repeats"]) == ("", True, 2.5, 2)
+    assert row["ms_median"] > 0
+
+
 def test_a_point_set_model_is_benched_at_its_points_per_set():
     from afmp.bench import scaling
 

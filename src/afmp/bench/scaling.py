@@ -287,7 +287,7 @@ def prepare(make: Callable[[], BenchModel], cfg: BenchConfig, calib: dict, devic
         gbytes=costs.bytes / 1e9,
         roofline_ms=roofline.roofline_ms(costs.total_flops, costs.bytes, calib),
     )
-    counted = time.perf_counter()
+    counted_at = time.perf_counter()
     model = torch.compile(bm.module, dynamic=False) if row["compile"] else bm.module
     step = make_step(bm, model, cfg, device)
     x = make_input(bm, cfg.batch_size, cfg)
@@ -302,8 +302,8 @@ def prepare(make: Callable[[], BenchModel], cfg: BenchConfig, calib: dict, devic
     row["peak_mb"], row["peak_source"] = timing.peak_step_mb(partial(step, x), device, baseline)
     # What preparing costs, so that a GPU lease's time limits can be set from it.
     log(
-        f"{row['model']:32s} {row['resolution']:5d} ready: {counted - started:.1f} s building and counting, "
-        f"{time.perf_counter() - counted:.1f} s {'compiling and ' if row['compile'] else ''}warming up"
+        f"{row['model']:32s} {row['resolution']:5d} ready: {counted_at - started:.1f} s building and counting, "
+        f"{time.perf_counter() - counted_at:.1f} s {'compiling and ' if row['compile'] else ''}warming up"
     )
     return bm, step
 
