@@ -199,15 +199,51 @@ def test_workers_and_restarts_draw_with_seeds_of_their_own_and_share_the_trials(
 
 def test_the_epoch_hook_reports_validation_accuracy_and_stops_a_pruned_trial():
     class Run:
+        class cfg:
+            epochs = 8
+
         class progress:
             history = {"val_acc": [40.0, 55.0]}
 
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=60.0))
     trial = study.ask()
     tuning.PruneOnEpoch(trial, prune=False)(Run, 2)  # reported, not stopped
-    with pytest.raises(optuna.TrialPruned, match="val 55.00% at epoch 3"):
+    with pytest.raises(optuna.TrialPruned, match="val 55.00% at epoch 3 of 8, below the median"):
         tuning.PruneOnEpoch(trial, prune=True)(Run, 3)
-    assert study.trials[0].intermediate_values == {2: 55.0, 3: 55.0}
+    assert study.trials[0].intermediate_values == {250: 55.0, 375: 55.0}  # 2/8 and 3/8 of the schedule
+
+
+def test_trials_of_different_lengths_are_compared_at_the_same_point_of_their_schedules():
+    """Three finished 8-epoch trials: 80% up to a quarter of their schedule (epoch 2), 90%
+    from then on. A 20-epoch trial at 70% is not pruned in its first quarter, and is pruned at
+    its epoch 5, a quarter of its schedule, below their 80% there. One at 85% until epoch 5,
+    then 70%, meets no 8-epoch trial at 3/10, 7/20, 2/5 or 9/20 of its schedule and goes on;
+    at its epoch 10, halfway, its best (85%) is below their 90% and it is pruned."""
+    study = optuna.create_study(direction="maximize", pruner=tuning.pruner())
+    for _ in range(3):
+        steps = {tuning.schedule_step(e, 8): 80.0 if e <= 2 else 90.0 for e in range(1, 9)}
+        study.add_trial(optuna.trial.create_trial(value=90.0, intermediate_values=steps))
+    assert sorted(study.trials[0].intermediate_values) == [125, 250, 375, 500, 625, 750, 875, 1000]
+
+    def run_of(history):
+        cfg = type("cfg", (), {"epochs": 20})
+        return type(
+            "Run", (), {"cfg": cfg, "progress": type("progress", (), {"history": {"val_acc": history}})}
+        )
+
+    def pruned_at(accuracies):
+        trial, history = study.ask(), []
+        for epoch, acc in enumerate(accuracies, start=1):
+            history.append(acc)
+            try:
+                tuning.PruneOnEpoch(trial, prune=True)(run_of(history), epoch)
+            except optuna.TrialPruned:
+                return epoch
+        return None
+
+    assert pruned_at([70.0] * 20) == 5
+    assert pruned_at([85.0] * 5 + [70.0] * 15) == 10
+    assert tuning.schedule_step(5, 20) == tuning.schedule_step(2, 8) == 250
 
 
 # -- searches -------------------------------------------------------------------------------

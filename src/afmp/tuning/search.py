@@ -3,8 +3,8 @@
 A trial draws its settings from the space (afmp.tuning.space), trains them as an ordinary
 run in ``OUT/trials/trial-NNNN/`` on the training split, and reports the validation
 accuracy after each epoch; the pruner stops a trial below the median of the earlier ones
-at the same epoch. The trial's value is the validation accuracy of the weights its run
-would test. No test example is read (``train(..., test=False)``).
+at the same point of their schedules (``schedule_step``). The trial's value is the
+validation accuracy of the weights its run would test. No test example is read (``train(..., test=False)``).
 
 Every trial trains with the base config's seed: trials differ by their settings alone,
 not by their initial weights and batches. The sampler is TPE, seeded from ``--seed``, the
@@ -35,10 +35,28 @@ from afmp.tuning.storage import open_storage, shown, storage_url
 from afmp.utils.errors import UsageError
 from afmp.utils.parallel import run_in_processes, threads_per_job
 
-# The median means little over fewer finished trials, and the first epochs' accuracy
-# (at a warm-up's learning rate) says little about the last: no trial is pruned before
-# PRUNE_AFTER_TRIALS have finished, nor before its epoch PRUNE_AFTER_EPOCHS + 1.
-PRUNE_AFTER_TRIALS, PRUNE_AFTER_EPOCHS = 3, 2
+# A trial reports its validation accuracy after each epoch at the step `schedule_step`: the
+# share of its own schedule done, in thousandths. The pruner compares a trial only with
+# trials that reported at the same step, so trials of different lengths meet at the same
+# point of their schedules (a quarter, a half, ...), where their learning rates are alike.
+# Compared epoch with epoch, a long schedule's early epochs (at a high learning rate) met a
+# short one's last (annealed) ones, and the pruner favoured short schedules. The median means
+# little over fewer finished trials, and the first quarter (warm-up) says little about the
+# end: no trial is pruned before PRUNE_AFTER_TRIALS have finished, nor before step
+# PRUNE_FROM_STEP.
+SCHEDULE_STEPS = 1000
+PRUNE_AFTER_TRIALS, PRUNE_FROM_STEP = 3, 250
+
+
+def schedule_step(epoch: int, epochs: int) -> int:
+    """The pruner's step after ``epoch`` of ``epochs``: thousandths of the schedule done."""
+    return epoch * SCHEDULE_STEPS // epochs
+
+
+def pruner():
+    import optuna
+
+    return optuna.pruners.MedianPruner(n_startup_trials=PRUNE_AFTER_TRIALS, n_warmup_steps=PRUNE_FROM_STEP)
 
 
 @dataclass(frozen=True)
@@ -58,7 +76,11 @@ class Search:
         """What the study records: a study continued with other settings is refused."""
         base = {k: v for k, v in dataclasses.asdict(self.base).items() if k not in RUNTIME_ONLY}
         space = {name: p.record() for name, p in self.space.items()}
-        return json.loads(json.dumps({"base": base, "space": space, "prune": self.prune}))
+        # prune_steps: what a reported step means (a study whose steps were epochs is refused)
+        prune_steps = f"schedule/{SCHEDULE_STEPS}"
+        return json.loads(
+            json.dumps({"base": base, "space": space, "prune": self.prune, "prune_steps": prune_steps})
+        )
 
     def private(self) -> bool:
         """Whether the study is the file in the output folder, whose lock keeps out every
@@ -95,10 +117,13 @@ class PruneOnEpoch:
     def __call__(self, run, epoch: int) -> None:
         import optuna
 
-        value = run.progress.history["val_acc"][-1]
-        self.trial.report(value, epoch)
+        value, epochs = run.progress.history["val_acc"][-1], run.cfg.epochs
+        self.trial.report(value, schedule_step(epoch, epochs))
         if self.prune and self.trial.should_prune():
-            raise optuna.TrialPruned(f"val {value:.2f}% at epoch {epoch}, below the earlier trials' median")
+            raise optuna.TrialPruned(
+                f"val {value:.2f}% at epoch {epoch} of {epochs}, below the median of the earlier trials "
+                "at that point of their schedules"
+            )
 
 
 @dataclass(frozen=True)
@@ -130,9 +155,7 @@ def open_study(search: Search, storage, seed: int | None = None):
         direction="maximize",
         load_if_exists=True,
         sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup),
-        pruner=optuna.pruners.MedianPruner(
-            n_startup_trials=PRUNE_AFTER_TRIALS, n_warmup_steps=PRUNE_AFTER_EPOCHS
-        ),
+        pruner=pruner(),
     )
 
 
