@@ -218,15 +218,16 @@ def test_trials_of_different_lengths_are_compared_at_the_same_point_of_their_sch
     from then on. A 20-epoch trial at 70% is not pruned in its first quarter, and is pruned at
     its epoch 5, a quarter of its schedule, below their 80% there. One at 85% until epoch 5,
     then 70%, meets no 8-epoch trial at 3/10, 7/20, 2/5 or 9/20 of its schedule and goes on;
-    at its epoch 10, halfway, its best (85%) is below their 90% and it is pruned."""
+    at its epoch 10, halfway, its best (85%) is below their 90% and it is pruned. A 16-epoch
+    trial meets them at an eighth, but is first pruned a quarter of the way, at epoch 4."""
     study = optuna.create_study(direction="maximize", pruner=tuning.pruner())
     for _ in range(3):
         steps = {tuning.schedule_step(e, 8): 80.0 if e <= 2 else 90.0 for e in range(1, 9)}
         study.add_trial(optuna.trial.create_trial(value=90.0, intermediate_values=steps))
     assert sorted(study.trials[0].intermediate_values) == [125, 250, 375, 500, 625, 750, 875, 1000]
 
-    def run_of(history):
-        cfg = type("cfg", (), {"epochs": 20})
+    def run_of(history, epochs=20):
+        cfg = type("cfg", (), {"epochs": epochs})
         return type(
             "Run", (), {"cfg": cfg, "progress": type("progress", (), {"history": {"val_acc": history}})}
         )
@@ -236,12 +237,13 @@ def test_trials_of_different_lengths_are_compared_at_the_same_point_of_their_sch
         for epoch, acc in enumerate(accuracies, start=1):
             history.append(acc)
             try:
-                tuning.PruneOnEpoch(trial, prune=True)(run_of(history), epoch)
+                tuning.PruneOnEpoch(trial, prune=True)(run_of(history, len(accuracies)), epoch)
             except optuna.TrialPruned:
                 return epoch
         return None
 
     assert pruned_at([70.0] * 20) == 5
+    assert pruned_at([70.0] * 16) == 4  # 2/16 meets their epoch 1 but is in the first quarter
     assert pruned_at([85.0] * 5 + [70.0] * 15) == 10
     assert tuning.schedule_step(5, 20) == tuning.schedule_step(2, 8) == 250
 
