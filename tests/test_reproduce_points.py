@@ -12,7 +12,6 @@ import torch
 
 import afmp
 import afmp_cli as cli
-from afmp.measure import roofline
 from afmp.studies import reproduce
 from afmp.training.config import TrainConfig
 from test_mnist5k import csv_lines, write_csv
@@ -23,12 +22,8 @@ LABELS = ["afmp_points_dense", "afmp_points", "graph_gcn", "graph_gat", "graph_g
 
 
 @pytest.fixture
-def digits(tmp_path, monkeypatch):
+def digits(tmp_path, fast_calibration):
     """20 digits in mnist_5k.csv.gz's format, a private cache, and a roofline calibrated in ms."""
-    monkeypatch.setenv("AFMP_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(roofline, "MATMUL_SIZES", {"cpu": (64,), "cuda": (256,)})
-    monkeypatch.setattr(roofline, "COPY_BYTES", {"cpu": 2**16, "cuda": 2**20})
-    monkeypatch.setattr(roofline, "REPEATS", 2)
     return write_csv(tmp_path / "digits.csv.gz", csv_lines(digit_rows()))
 
 

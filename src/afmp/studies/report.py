@@ -121,10 +121,14 @@ def recipes_lines(shared: list[dict], tuned: list[dict]) -> list[str]:
     """Each model under the study's one shared recipe and under its own tuned recipe, side by
     side: mean test accuracy, and which frontiers it is on; then the verdict under each."""
     fronts = {"shared": frontiers(shared), "tuned": frontiers(tuned)}
-    short = {"FLOPs": "FLOPs", "latency at batch 1": "batch 1", "latency at batch 64": "batch 64"}
 
     def on(which: str, run: str) -> str:
-        return ", ".join(short[axis] for axis, front in fronts[which].items() if run in front) or "—"
+        """The frontiers through ``run``, as "FLOPs, batch 1", or a dash."""
+        names = [axis.removeprefix("latency at ") for axis, front in fronts[which].items() if run in front]
+        return ", ".join(names) or "—"
+
+    def accuracy(r: dict) -> str:
+        return f"{r['accuracy']:.2f} ± {r['accuracy_std']:.2f}"
 
     by_run = {r["run"]: r for r in shared}
     lines = [
@@ -134,15 +138,10 @@ def recipes_lines(shared: list[dict], tuned: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for r in tuned:
-        s = by_run.get(r["run"])
-        if s is None:
-            lines.append(
-                f"| {r['run']} | — | {r['accuracy']:.2f} ± {r['accuracy_std']:.2f} | — | — | {on('tuned', r['run'])} |"
-            )
-            continue
+        s = by_run.get(r["run"])  # None: a model the shared study did not train
+        was, gain = ("—", "—") if s is None else (accuracy(s), f"{r['accuracy'] - s['accuracy']:+.2f}")
         lines.append(
-            f"| {r['run']} | {s['accuracy']:.2f} ± {s['accuracy_std']:.2f} | {r['accuracy']:.2f} ± {r['accuracy_std']:.2f} "
-            f"| {r['accuracy'] - s['accuracy']:+.2f} | {on('shared', r['run'])} | {on('tuned', r['run'])} |"
+            f"| {r['run']} | {was} | {accuracy(r)} | {gain} | {on('shared', r['run'])} | {on('tuned', r['run'])} |"
         )
     return [
         *lines,
