@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=2 python3 scripts/step_profile.py                 # the table of docs/results.md
     OMP_NUM_THREADS=2 python3 scripts/step_profile.py --only tiny-7x7-d64 --backend packed
+    OMP_NUM_THREADS=1 python3 scripts/step_profile.py --only tiny-7x7-d64 --compile --repeats 1
 
 For each shape: aten ops dispatched (forward under no_grad, and a training step: forward,
 cross-entropy plus the sparsity loss, backward), as afmp.measure.counting counts them (views
@@ -10,6 +11,13 @@ the step's median time over --repeats after warm-up; the share of the profiled s
 time per op family (self time; "autograd + python" is the time of the autograd nodes and
 the profiled step's wall time no aten op accounts for); and how many ops allocated memory.
 One process, one thing at a time: run it alone on the machine.
+
+--compile profiles the model under torch.compile (Inductor; ``auto`` then picks the
+stencil). Its fused loops are not aten ops, so the profiler's columns count the aten ops
+the compiled step still dispatches (matrix products, mostly) and the "kernels" columns the
+calls of the loops Inductor generated (recorded with Inductor's cpp.enable_kernel_profile;
+their time is the "compiled kernels" share): aten ops plus kernels is what a compiled step
+launches. The dispatched columns, which count by tracing eager ops, are left out.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
@@ -86,23 +95,37 @@ FAMILIES = {
     ),
 }
 
+OTHERS = ("elementwise + other", "compiled kernels", "autograd + python")
+
+
+def is_kernel(name: str) -> bool:
+    """A loop Inductor generated (its C++ kernels are named cpp_fused_..., per graph)."""
+    return "cpp_fused_" in name
+
 
 def family(name: str) -> str:
+    if is_kernel(name):
+        return "compiled kernels"
     if not name.startswith("aten::"):
         return "autograd + python"
     op = name.removeprefix("aten::")
     return next((f for f, ops in FAMILIES.items() if op in ops), "elementwise + other")
 
 
-def profile_shape(label: str, batch: int, backend: str, warmup: int, repeats: int) -> dict:
+def profile_shape(
+    label: str, batch: int, backend: str, warmup: int, repeats: int, compile: bool = False
+) -> dict:
     preset, opts = SHAPES[label]
     torch.manual_seed(0)
-    model = afmp.create_model(preset, num_classes=10, backend=backend, **opts)
-    x = model.example_input(batch_size=batch)
+    module = afmp.create_model(preset, num_classes=10, backend=backend, **opts)
+    x = module.example_input(batch_size=batch)
+    if compile:  # the generated loops show in the profiler as events of their own
+        torch._inductor.config.cpp.enable_kernel_profile = True
+    model = torch.compile(module) if compile else module
     y = torch.zeros(batch, dtype=torch.long)
 
     def step():
-        model.zero_grad(set_to_none=True)
+        module.zero_grad(set_to_none=True)
         logits, aux = model(x, return_aux=True)
         (F.cross_entropy(logits, y) + sum(aux["losses"].values())).backward()
 
@@ -110,6 +133,7 @@ def profile_shape(label: str, batch: int, backend: str, warmup: int, repeats: in
         with torch.no_grad():
             model(x)
 
+    row = dict(shape=label)
     for _ in range(warmup):
         step()
     times = []
@@ -117,17 +141,23 @@ def profile_shape(label: str, batch: int, backend: str, warmup: int, repeats: in
         started = time.perf_counter()
         step()
         times.append(time.perf_counter() - started)
-    row = dict(shape=label, step_ms=1000 * statistics.median(times))
-    row["ops_forward"], row["ops_step"] = int(count(forward).ops), int(count(step).ops)
+    row["step_ms"] = 1000 * statistics.median(times)
+    forward()  # compiled, its no-grad graph is compiled on this first call: not in the profile
+    if compile:
+        row["ops_forward"] = row["ops_step"] = float("nan")
+    else:
+        row["ops_forward"], row["ops_step"] = int(count(forward).ops), int(count(step).ops)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         forward()
     row["profiler_forward"] = sum(e.name.startswith("aten::") for e in prof.events())
+    row["kernels_forward"] = sum(is_kernel(e.name) for e in prof.events())
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         started = time.perf_counter()
         step()
         wall = time.perf_counter() - started
     events = prof.events()
     row["profiler_step"] = sum(e.name.startswith("aten::") for e in events)
+    row["kernels_step"] = sum(is_kernel(e.name) for e in events)
     row["allocating_ops"] = sum(
         1 for e in events if e.name.startswith("aten::") and e.self_cpu_memory_usage > 0
     )
@@ -136,9 +166,7 @@ def profile_shape(label: str, batch: int, backend: str, warmup: int, repeats: in
         shares[family(e.name)] = shares.get(family(e.name), 0.0) + e.self_cpu_time_total / 1e6
     shares["autograd + python"] = shares.get("autograd + python", 0.0) + max(0.0, wall - sum(shares.values()))
     total = sum(shares.values())
-    row.update(
-        {f: 100 * shares.get(f, 0.0) / total for f in [*FAMILIES, "elementwise + other", "autograd + python"]}
-    )
+    row.update({f: 100 * shares.get(f, 0.0) / total for f in [*FAMILIES, *OTHERS]})
     return row
 
 
@@ -149,6 +177,7 @@ def main() -> int:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="profile the model under torch.compile")
     args = parser.parse_args()
     labels = args.only.split(",") if args.only else list(SHAPES)
     unknown = [s for s in labels if s not in SHAPES]
@@ -156,18 +185,35 @@ def main() -> int:
         parser.error(f"unknown shape(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, backend {args.backend}"
+        + (", compiled" if args.compile else ", eager")
     )
-    columns = ["ops_forward", "ops_step", "profiler_forward", "profiler_step", "step_ms", "allocating_ops",
-               *FAMILIES, "elementwise + other", "autograd + python"]  # fmt: skip
+    counts = (
+        "ops_forward",
+        "ops_step",
+        "profiler_forward",
+        "profiler_step",
+        "kernels_forward",
+        "kernels_step",
+        "allocating_ops",
+    )
+    columns = [*counts[:6], "step_ms", "allocating_ops",
+               *FAMILIES, *OTHERS]  # fmt: skip
     print("| shape | " + " | ".join(columns) + " |")
     print("|" + "---|" * (len(columns) + 1))
     for label in labels:
         small = label.startswith("small")  # seconds a step on a CPU: fewer repeats
         row = profile_shape(
-            label, args.batch_size, args.backend, 1 if small else args.warmup, 2 if small else args.repeats
+            label,
+            args.batch_size,
+            args.backend,
+            1 if small else args.warmup,
+            2 if small else args.repeats,
+            args.compile,
         )
-        cells = [f"{row[c]:.0f}" if c in ("ops_forward", "ops_step", "profiler_forward", "profiler_step", "allocating_ops")
-                 else f"{row[c]:.1f}" for c in columns]  # fmt: skip
+        cells = [
+            ("–" if row[c] != row[c] else f"{row[c]:.0f}") if c in counts else f"{row[c]:.1f}"
+            for c in columns
+        ]
         print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
     return 0
 

@@ -3,12 +3,14 @@ at its best recipe; the plan, its cost, and a tiny study end to end."""
 
 import json
 import math
+import re
 from argparse import Namespace
 
 import pytest
 
 import afmp_cli as cli
 from afmp.studies import reproduce, tuned
+from afmp.utils.errors import UsageError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 pytest.importorskip("optuna")
@@ -168,3 +170,75 @@ def test_the_report_sets_the_shared_and_tuned_recipes_side_by_side(tmp_path):
         "Verdict under the tuned recipes: not supported here: AFMP is on the FLOPs frontier and on a latency "
         "frontier too.",
     ]
+
+
+# -- --recipe: an ablation at the recipe a search found ------------------------------------------
+def _search_folder(tmp_path, params, model="afmp_tiny", dataset="mnist5k"):
+    folder = tmp_path / "search"
+    folder.mkdir()
+    record = {
+        "trial": 7,
+        "val_accuracy": 97.25,
+        "params": params,
+        "config": {"model": model, "dataset": dataset},
+    }
+    (folder / "best.json").write_text(json.dumps(record))
+    return folder
+
+
+def test_an_ablation_at_a_searched_recipe_takes_the_trials_settings_and_keeps_what_it_varies(tmp_path):
+    folder = _search_folder(tmp_path, {"lr": 0.0123, "epochs": 8, "warmup_epochs": 1.5, "data_opts.shift": 1})
+    study = reproduce.load_study("mnist5k-sparsity")
+    assert tuned.apply_recipe("mnist5k-sparsity", study, str(folder)) is study
+    runs = reproduce.planned_runs(study, _args(), tmp_path / "out")
+    assert len(runs) == 6 * 5
+    assert {(c.lr, c.epochs, c.warmup_epochs, c.data_opts["shift"]) for _, _, c in runs} == {
+        (0.0123, 8, 1.5, 1)
+    }
+    assert {(c.weight_decay, c.label_smoothing, c.batch_size) for _, _, c in runs} == {(0.05, 0.1, 64)}
+    assert sorted({c.model_opts["sparsity"] for _, _, c in runs}) == [0.0, 0.2, 0.3, 0.4, 0.5, 0.6]
+    assert {
+        (c.model_opts["d_model"], c.model_opts["patch_size"], c.model_opts["use_top_down"])
+        for _, _, c in runs
+    } == {(64, 4, True)}
+    assert study["recipe"] == {"from": str(folder / "best.json"), "trial": 7, "val_accuracy": 97.25}
+    assert reproduce.report.recipe_lines(study["recipe"]) == [
+        f"Recipe: afmp tune's best trial (7, validation 97.25%) in `{folder / 'best.json'}`; its settings "
+        "replace the config's where they name the same one.",
+        "",
+    ]
+    assert reproduce.report.recipe_lines(None) == []
+
+
+def test_a_recipe_for_another_model_or_data_set_or_a_pareto_study_is_refused(tmp_path):
+    digits = _search_folder(tmp_path, {"lr": 0.01}, dataset="digits")
+    vit = tmp_path / "vit"
+    vit.mkdir()
+    record = {"params": {}, "config": {"model": "vit_baseline_tiny", "dataset": "mnist5k"}}
+    (vit / "best.json").write_text(json.dumps(record))
+    cases = [
+        ("mnist5k-topdown", digits, f"--recipe: {digits / 'best.json'} was searched for dataset 'digits', "
+         "the mnist5k-topdown study trains 'mnist5k'"),
+        ("mnist5k-topdown", vit / "best.json", "was searched for model 'vit_baseline_tiny', the mnist5k-topdown "
+         "study trains 'afmp_tiny'"),
+        ("mnist5k-pareto", digits, "--recipe is one model's recipe, for an ablation study; mnist5k-pareto is a "
+         "pareto study"),
+    ]  # fmt: skip
+    for name, where, message in cases:
+        study = reproduce.load_study(name)
+        with pytest.raises(UsageError, match=re.escape(message)):
+            tuned.apply_recipe(name, study, str(where))
+        assert "recipe" not in study
+
+
+def test_reproduce_with_no_search_at_the_recipe_path_stops_before_writing(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert (
+        cli.main(["reproduce", "mnist5k-topdown", "--recipe", str(tmp_path / "nowhere"), "--out", str(out)])
+        == 2
+    )
+    assert (
+        f"--recipe: expected afmp tune's best.json, or the search folder that holds it; {tmp_path / 'nowhere'}"
+        in (capsys.readouterr().err)
+    )
+    assert not out.exists()

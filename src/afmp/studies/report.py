@@ -45,12 +45,24 @@ def write_report(out: Path, name: str, study: dict, body: list[str]) -> Path:
             f"Config: `afmp reproduce {name}` (`src/afmp/configs/studies/{name}.yaml`), "
             f"{study.get('seeds', 1)} seed(s); the full settings are in `study.json`.",
             "",
+            *recipe_lines(study.get("recipe")),
             *body,
             "",
         ]
     )
     atomic_write(out / "report.md", lambda tmp: tmp.write_text(text))
     return out / "report.md"
+
+
+def recipe_lines(recipe: dict | None) -> list[str]:
+    """Where the study's training settings came from, when not from its config (--recipe)."""
+    if not recipe:
+        return []
+    return [
+        f"Recipe: afmp tune's best trial ({recipe['trial']}, validation {recipe['val_accuracy']:.2f}%) "
+        f"in `{recipe['from']}`; its settings replace the config's where they name the same one.",
+        "",
+    ]
 
 
 def ablation_lines(rows: list[dict]) -> list[str]:

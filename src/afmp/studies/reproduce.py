@@ -354,6 +354,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "then train the seeds at each one's best (afmp.studies.tuned)",
     )
     p.add_argument(
+        "--recipe",
+        metavar="SEARCH",
+        help="an ablation study at the recipe afmp tune found: the search's folder or its best.json "
+        "(its best trial's settings replace the study's train: settings they name)",
+    )
+    p.add_argument(
         "--shared",
         metavar="DIR",
         help="--tuned: the same study run at its shared recipe, for the report's side-by-side table "
@@ -374,6 +380,10 @@ def main(args: argparse.Namespace) -> int:
     with usage_errors():
         check_jobs(args.jobs)
         study = load_study(args.study, sets)
+        if args.recipe:
+            from afmp.studies.tuned import apply_recipe
+
+            apply_recipe(args.study, study, args.recipe)
         out = Path(args.out or f"runs/reproduce-{args.study}{'-tuned' if args.tuned else ''}")
         runs = planned_runs(study, args, out)
     from afmp.studies import ablate

@@ -167,3 +167,47 @@ def side_by_side(name: str, out: Path, shared: Path) -> list[str]:
     return report.recipes_lines(
         report.read_pareto_rows(shared / "pareto.csv"), report.read_pareto_rows(out / "pareto.csv")
     )
+
+
+# -- --recipe: an ablation study at the recipe a search found -----------------------------------
+def apply_recipe(name: str, study: dict, where: str) -> dict:
+    """``study`` (an ablation) at the recipe an ``afmp tune`` search found: ``where`` is the
+    search's best.json or its folder. The best trial's parameters (lr, epochs, data_opts.shift,
+    ...) replace the ``train:`` settings they name; what the study varies and its model's
+    options stay its own. The recipe is recorded under ``recipe:``, so study.json says which
+    one the runs were trained at, and a resumed study keeps only runs at that recipe."""
+    import json
+
+    if study["kind"] != "ablation":
+        raise UsageError(
+            f"--recipe is one model's recipe, for an ablation study; {name} is a {study['kind']} study "
+            "(a pareto study searches every model's own recipe with --tuned)"
+        )
+    path = Path(where)
+    path = path / "best.json" if path.is_dir() else path
+    try:
+        record = json.loads(path.read_text())
+        params, searched = record["params"], record["config"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UsageError(
+            f"--recipe: expected afmp tune's best.json, or the search folder that holds it; {path}: {err}"
+        ) from None
+    train = study.setdefault("train", {})
+    for key in ("model", "dataset"):
+        if searched.get(key) != train.get(key):
+            raise UsageError(
+                f"--recipe: {path} was searched for {key} {searched.get(key)!r}, the {name} study "
+                f"trains {train.get(key)!r}"
+            )
+    for dotted, value in params.items():
+        group, dot, key = dotted.partition(".")
+        if dot:
+            train.setdefault(group, {})[key] = value
+        else:
+            train[dotted] = value
+    study["recipe"] = {
+        "from": str(path),
+        "trial": record.get("trial"),
+        "val_accuracy": record.get("val_accuracy"),
+    }
+    return study
