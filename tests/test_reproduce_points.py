@@ -12,7 +12,7 @@ import torch
 
 import afmp
 import afmp_cli as cli
-from afmp.studies import reproduce
+from afmp.studies import cost, reproduce
 from afmp.training.config import TrainConfig
 from test_mnist5k import csv_lines, write_csv
 from test_superpixels import digit_rows
@@ -87,13 +87,13 @@ def test_the_study_end_to_end_pairs_every_model_with_dense_afmp(digits, tmp_path
 def test_the_dry_run_builds_point_set_models_for_the_data_sets_shape(monkeypatch):
     # A 3-D point-set data set of 5 features and 4 classes: the model dry-run measures is
     # built for it, not for an image's channels or the preset's 2-D positions.
-    monkeypatch.setitem(reproduce.DATA_SHAPES, "sets-3d", (100, 20, 5, 4))
-    monkeypatch.setitem(reproduce.POINT_SETS, "sets-3d", 3)
+    monkeypatch.setitem(cost.DATA_SHAPES, "sets-3d", (100, 20, 5, 4))
+    monkeypatch.setitem(cost.POINT_SETS, "sets-3d", 3)
     cfg = TrainConfig(model="afmp_points", dataset="sets-3d", batch_size=2, model_opts={"d_model": 16})
-    cost = reproduce.step_cost(cfg, torch.device("cpu"))
+    measured = cost.step_cost(cfg, torch.device("cpu"))
     model = afmp.create_model("afmp_points", in_features=5, pos_dim=3, num_classes=4, d_model=16)
-    assert cost["params"] == sum(p.numel() for p in model.parameters())
-    assert cost["ms"] > 0 and cost["gflops"] > 0
+    assert measured["params"] == sum(p.numel() for p in model.parameters())
+    assert measured["ms"] > 0 and measured["gflops"] > 0
 
 
 def test_the_real_studys_dry_run_lists_its_six_models(capsys):

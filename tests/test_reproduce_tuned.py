@@ -9,7 +9,7 @@ from argparse import Namespace
 import pytest
 
 import afmp_cli as cli
-from afmp.studies import reproduce, tuned
+from afmp.studies import cost, reproduce, tuned
 from afmp.utils.errors import UsageError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -59,12 +59,15 @@ def test_the_seeds_train_each_models_best_recipe(tmp_path):
 
 
 def test_dry_run_prints_the_plan_and_an_upper_bound_of_its_cost(monkeypatch, capsys):
-    cost = {"afmp_tiny": 10_000.0, "vit_baseline_tiny": 40_000.0}  # ms per step, stood in for the measurement
+    step_ms = {
+        "afmp_tiny": 10_000.0,
+        "vit_baseline_tiny": 40_000.0,
+    }  # ms per step, stood in for the measurement
 
     def step_cost(cfg, device):
-        return {"ms": cost.get(cfg.model, 20_000.0), "peak_mb": 1.0, "gflops": 1.0, "params": 1000}
+        return {"ms": step_ms.get(cfg.model, 20_000.0), "peak_mb": 1.0, "gflops": 1.0, "params": 1000}
 
-    monkeypatch.setattr(reproduce, "step_cost", step_cost)
+    monkeypatch.setattr(cost, "step_cost", step_cost)
     argv = ["reproduce", "mnist5k-pareto", "--tuned", "--dry-run", "--device", "cpu", "--jobs", "2"]
     assert (
         cli.main([*argv, "--set", DIGITS[0], "--set", "tuned.trials=3", "--set", "tuned.max_epochs=4"]) == 0
@@ -77,7 +80,7 @@ def test_dry_run_prints_the_plan_and_an_upper_bound_of_its_cost(monkeypatch, cap
         for line in printed.splitlines()
         if line.startswith("| ")
     }
-    images, side, _, _ = reproduce.DATA_SHAPES["digits"]
+    images, side, _, _ = cost.DATA_SHAPES["digits"]
     steps = math.ceil(images * 0.9 / study["train"]["batch_size"])
     for entry in study["models"]:
         runs, epochs, per_run, ms, hours = (rows[entry["label"]][i].strip() for i in (1, 2, 3, 6, 8))
@@ -88,10 +91,10 @@ def test_dry_run_prints_the_plan_and_an_upper_bound_of_its_cost(monkeypatch, cap
             * 4
             * steps
             * (1 + 0.1 / 0.9 / 3)
-            * cost.get(entry["model"], 20_000.0)
+            * step_ms.get(entry["model"], 20_000.0)
             / 3.6e6
         )
-        assert float(ms) == cost.get(entry["model"], 20_000.0) and float(hours) == pytest.approx(
+        assert float(ms) == step_ms.get(entry["model"], 20_000.0) and float(hours) == pytest.approx(
             expected, abs=0.006
         )
     assert "with --jobs 2: about that divided by 2 at best" in printed

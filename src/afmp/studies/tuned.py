@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from afmp.studies import reproduce
+from afmp.studies import cost, reproduce
 from afmp.utils.errors import UsageError, usage_errors
 
 
@@ -122,7 +122,7 @@ def dry_run(name: str, study: dict, found: list, args) -> None:
         for s in found
         for _ in range(trials + study["seeds"])
     ]
-    reproduce.dry_run(name, study, runs, args)
+    cost.dry_run(name, study, runs, args)
     if args.jobs > 1:
         print(
             f"with --jobs {args.jobs}: about that divided by {args.jobs} at best, on {args.jobs} or more cores"
