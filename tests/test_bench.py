@@ -16,7 +16,7 @@ import afmp
 import afmp_cli
 from afmp import registry
 from afmp.bench import baselines, cli, plots, scaling
-from afmp.measure import counting, roofline
+from afmp.measure import counting, roofline, timing
 from afmp.training.checkpoint import save_checkpoint
 from afmp.utils.files import write_json
 
@@ -449,3 +449,38 @@ def test_a_point_set_model_is_benched_at_its_points_per_set():
     x = scaling.make_input(bm, 3, cfg)
     assert x["features"].shape == (3, 20, 3) and x["features"].dtype == torch.bfloat16
     assert x["neighbors"].dtype == torch.long and x["valid"].dtype == torch.bool  # only floats are cast
+
+
+def test_the_cpu_bench_keeps_freed_memory_unless_asked_for_the_system_allocator(
+    tmp_path, monkeypatch, capsys
+):
+    calls = []
+
+    class Libc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(timing.ctypes, "CDLL", lambda name: Libc() if name == "libc.so.6" else None)
+    out = tmp_path / "bench"
+    argv = ["bench", "--models", "afmp_tiny", "--resolutions", "32", "--batch-size", "1", "--repeats", "1"]
+    argv += ["--warmup", "0", "--device", "cpu", "--out", str(out)]
+    assert afmp_cli.main(argv) == 0
+    # glibc's M_MMAP_MAX (-4) to 0 and M_TRIM_THRESHOLD (-1) to 2**31 - 1, as malloc.h numbers them
+    assert calls == [(-4, 0), (-1, 2**31 - 1)]
+    assert "allocator: freed memory kept (mallopt)" in capsys.readouterr().out
+    assert (
+        json.loads((out / "bench_config.json").read_text())["cpu_allocator"] == "freed memory kept (mallopt)"
+    )
+    calls.clear()
+    assert afmp_cli.main([*argv, "--system-allocator"]) == 0
+    assert calls == [] and "allocator: system (glibc's defaults)" in capsys.readouterr().out
+
+
+def test_keep_freed_memory_changes_nothing_without_glibc(monkeypatch):
+    def no_glibc(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(timing.ctypes, "CDLL", no_glibc)
+    assert timing.keep_freed_memory() is False
+    assert cli.cpu_allocator(False) == "system (not glibc)"

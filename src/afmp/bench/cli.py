@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from afmp.bench import pareto, plots, runtime, scaling, sets
-from afmp.measure import roofline
+from afmp.measure import roofline, timing
 from afmp.utils.errors import usage_errors
 from afmp.utils.files import write_json, write_table
 from afmp.utils.options import parse_key_values
@@ -81,6 +81,12 @@ def common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output directory (default bench/<study>)")
     p.add_argument(
         "--threads", type=int, default=0, help="torch's CPU threads (default 0: torch's own choice)"
+    )
+    p.add_argument(
+        "--system-allocator",
+        action="store_true",
+        help="CPU: leave glibc's malloc as it is, unmapping freed large blocks and mapping them again "
+        "each step (default: freed memory kept for reuse, as PyTorch's CUDA allocator keeps it)",
     )
 
 
@@ -180,6 +186,14 @@ def config_from_args(args: argparse.Namespace) -> scaling.BenchConfig:
     )
 
 
+def cpu_allocator(system: bool) -> str:
+    """Keep freed memory for reuse unless asked not to (afmp.measure.timing.keep_freed_memory);
+    says which allocator the timings ran under."""
+    if system:
+        return "system (glibc's defaults)"
+    return "freed memory kept (mallopt)" if timing.keep_freed_memory() else "system (not glibc)"
+
+
 def main(args: argparse.Namespace) -> int:
     if args.study == "runtime":  # the CPU alone, and no roofline: its own options and files
         return runtime.main(args)
@@ -202,6 +216,9 @@ def main(args: argparse.Namespace) -> int:
     )
     machine = machine_state()
     print(f"threads: {machine['threads']} of {machine['cpus']} CPUs, load average {machine['load_1min']:.1f}")
+    allocator = cpu_allocator(getattr(args, "system_allocator", False)) if device.type == "cpu" else None
+    if allocator:
+        print(f"allocator: {allocator}")
     warning = busy_warning(machine) if device.type == "cpu" else None
     if warning:
         print(warning)
@@ -210,6 +227,7 @@ def main(args: argparse.Namespace) -> int:
         "config": dataclasses.asdict(cfg),
         "calibration": calib,
         "machine": machine,
+        "cpu_allocator": allocator,
         "torch": torch.__version__,
         "command": sys.argv,
     }

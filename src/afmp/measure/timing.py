@@ -12,6 +12,9 @@ Peak memory says what it measures (``peak_source``):
   after returning freed heap to the OS (malloc_trim): the step's activations and
   gradients, not the weights already resident. An estimate: the allocator may reuse
   memory the process still holds. ``unavailable`` (NaN) where /proc does not allow it.
+
+CPU timings are steadier with ``keep_freed_memory``: glibc's malloc then keeps freed
+blocks for reuse instead of unmapping them, as PyTorch's CUDA allocator keeps them.
 """
 
 from __future__ import annotations
@@ -92,6 +95,27 @@ def _reset_high_water_mark() -> bool:
         return True
     except OSError:
         return False
+
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+NEVER_TRIM = 2**31 - 1  # mallopt takes an int: trim only once 2 GiB lie free at the heap's top
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for the next step: no large block is mapped from
+    the OS on its own (M_MMAP_MAX 0), and the heap's free top is not handed back
+    (M_TRIM_THRESHOLD). By default a step that frees and again allocates blocks of tens
+    of MB gets them mapped afresh each time and pays their page faults: on a 2-core CPU
+    AFMP-Tiny's batch-64 inference at the mnist5k shape took 33-42 ms so and 24-27 ms with
+    this, and its run-to-run spread went with it (docs/results.md). The same as
+    ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...``, set from
+    inside the process. Returns False, changing nothing, where the C library is not glibc."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, NEVER_TRIM) == 1
 
 
 def _malloc_trim() -> None:
