@@ -23,6 +23,7 @@ launches. The dispatched columns, which count by tracing eager ops, are left out
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -211,7 +212,7 @@ def main() -> int:
             args.compile,
         )
         cells = [
-            ("–" if row[c] != row[c] else f"{row[c]:.0f}") if c in counts else f"{row[c]:.1f}"
+            ("–" if math.isnan(row[c]) else f"{row[c]:.0f}") if c in counts else f"{row[c]:.1f}"
             for c in columns
         ]
         print(f"| {label} | " + " | ".join(cells) + " |", flush=True)

@@ -107,8 +107,8 @@ def keep_freed_memory() -> bool:
     the OS on its own (M_MMAP_MAX 0), and the heap's free top is not handed back
     (M_TRIM_THRESHOLD). By default a step that frees and again allocates blocks of tens
     of MB gets them mapped afresh each time and pays their page faults: on a 2-core CPU
-    AFMP-Tiny's batch-64 inference at the mnist5k shape took 33-42 ms so and 24-27 ms with
-    this, and its run-to-run spread went with it (docs/results.md). The same as
+    AFMP-Tiny's batch-64 inference at the mnist5k shape took 33-49 ms by default and 24-27 ms
+    with this, and its run-to-run spread went with it (docs/results.md). The same as
     ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...``, set from
     inside the process. Returns False, changing nothing, where the C library is not glibc."""
     try:
