@@ -1,6 +1,7 @@
 """`afmp reproduce STUDY --tuned`: every model searched with the same budget, then its seeds
 at its best recipe; the plan, its cost, and a tiny study end to end."""
 
+import csv
 import json
 import math
 import re
@@ -11,6 +12,7 @@ import pytest
 import afmp_cli as cli
 from afmp.studies import cost, reproduce, tuned
 from afmp.utils.errors import UsageError
+from afmp.utils.files import write_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 pytest.importorskip("optuna")
@@ -125,12 +127,19 @@ def test_a_tiny_tuned_study_end_to_end(tmp_path):
     sets = [DIGITS[0], models, "tuned.trials=1", "tuned.max_epochs=1", "train.batch_size=128"]
     sets += ["bench.warmup=0", "bench.repeats=1"]
     argv = ["reproduce", "mnist5k-pareto", "--tuned", "--seeds", "1", "--device", "cpu", "--out", str(out)]
-    argv += ["--shared", str(tmp_path / "never-run")]
+    # a shared-recipe study that put "small" at 50% and "smaller" at 40%; the tuned study has
+    # no pareto.csv yet, so its side of the table must be this run's, read after it is written
+    shared = [_row("small", 50.0, 1.0, 1e-4, 1.0, 10.0), _row("smaller", 40.0, 1.0, 1e-5, 1.0, 10.0)]
+    write_csv(tmp_path / "shared" / "pareto.csv", shared)
+    argv += ["--shared", str(tmp_path / "shared")]
     assert cli.main([*argv, *[a for s in sets for a in ("--set", s)]]) == 0
     report = (out / "report.md").read_text()
-    assert (
-        f"(No shared-recipe results in {tmp_path / 'never-run'}: run `afmp reproduce mnist5k-pareto" in report
-    )
+    assert "## The shared recipe against each model's tuned recipe" in report
+    with open(out / "pareto.csv", newline="") as f:
+        written = {r["run"]: r for r in csv.DictReader(f)}
+    for label, was in (("small", "50.00 ± 1.00"), ("smaller", "40.00 ± 1.00")):
+        now = f"{float(written[label]['accuracy']):.2f} ± {float(written[label]['accuracy_std']):.2f}"
+        assert f"| {label} | {was} | {now} |" in report
     for label in ("small", "smaller"):
         best = json.loads((out / "search" / label / "best.json").read_text())
         assert best["budget"]["trials"] == {"complete": 1}
@@ -151,8 +160,6 @@ def test_the_report_sets_the_shared_and_tuned_recipes_side_by_side(tmp_path):
     FLOPs frontier, ResNet alone on both latency ones. Tuned: AFMP at 98.75% is alone on the
     FLOPs frontier and on both latency ones too; the ViT, not in the shared study, is the
     fastest at batch 1 only."""
-    from afmp.utils.files import write_csv
-
     shared = [_row("afmp_tiny", 95.0, 0.5, 0.1, 2.0, 20.0), _row("resnet", 98.5, 0.1, 2.5, 1.0, 10.0)]
     tuned_rows = [
         _row("afmp_tiny", 98.75, 0.2, 0.1, 2.0, 20.0),
@@ -173,6 +180,10 @@ def test_the_report_sets_the_shared_and_tuned_recipes_side_by_side(tmp_path):
         "Verdict under the tuned recipes: not supported here: AFMP is on the FLOPs frontier and on a latency "
         "frontier too.",
     ]
+    missing = tuned.side_by_side("mnist5k-pareto", tmp_path / "tuned", tmp_path / "never-run")
+    assert missing[0].startswith(
+        f"(No shared-recipe results in {tmp_path / 'never-run'}: run `afmp reproduce"
+    )
 
 
 # -- --recipe: an ablation at the recipe a search found ------------------------------------------
